@@ -1,0 +1,42 @@
+// Shared declarations of the lofit_fast._C extension.
+//
+// The op (see ../shared DESIGN and lofit_fast/ops/registry.py for the contract):
+//   y = x' W^T (+ b),  x'_S = (1 + A) * x_S + v  on the columns of the selected heads S.
+// forward:  x [N, H*d], weight [D_out, H*d], bias [D_out]?, heads int64 [K] sorted unique,
+//           A, v [K, d] (float32 or x's dtype)?  ->  y [N, D_out] in x's dtype.
+// backward: dy [N, D_out], x_sel [N, K*d]? (selected columns of x), weight, heads, A?
+//           -> (dx [N, H*d]?, dA [K, d] float32?, dv [K, d] float32?)
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace lofit {
+
+using OptTensor = std::optional<at::Tensor>;
+using Grads = std::tuple<OptTensor, OptTensor, OptTensor>;
+
+// Input checks shared by every device: every message names the argument and the problem.
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& heads,
+                  const OptTensor& A, const OptTensor& v, int64_t head_dim);
+void check_backward_inputs(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight,
+                           const at::Tensor& heads, const OptTensor& A, int64_t head_dim, bool need_dA);
+
+// Column indices of the selected heads: heads[k] * d + j, as int64 [K * d] on heads' device.
+at::Tensor selected_columns(const at::Tensor& heads, int64_t head_dim);
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& heads,
+                       const OptTensor& A, const OptTensor& v, int64_t head_dim);
+Grads backward_cpu(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight, const at::Tensor& heads,
+                   const OptTensor& A, int64_t head_dim, bool need_dx, bool need_dA, bool need_dv);
+
+#ifdef LOFIT_WITH_CUDA
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& heads,
+                        const OptTensor& A, const OptTensor& v, int64_t head_dim);
+Grads backward_cuda(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight, const at::Tensor& heads,
+                    const OptTensor& A, int64_t head_dim, bool need_dx, bool need_dA, bool need_dv);
+#endif
+
+}  // namespace lofit

@@ -1,0 +1,146 @@
+"""`head_affine_linear`: y = x' Wᵀ (+ b) with x'_S = (1 + A) ⊙ x_S + v on the selected heads' columns."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .registry import get_backend
+from .torch_backend import selected_columns
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_param(p: Optional[torch.Tensor], name: str, x: torch.Tensor, K: int, head_dim: int) -> None:
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != (K, head_dim):
+        raise ValueError(f"{name} must have shape [K, head_dim] = [{K}, {head_dim}], got {list(p.shape)}")
+    if p.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{name} must be float32 or x's dtype ({x.dtype}), got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+
+
+def check_op_inputs(x, weight, bias, heads, A, v, head_dim) -> None:
+    """Shape, dtype and device checks; head values are checked too when `heads` lives on the CPU (no sync)."""
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions [..., H*head_dim], got shape {list(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported (float32, bfloat16, float16, float64)")
+    if head_dim <= 0 or x.shape[-1] % head_dim:
+        raise ValueError(f"x has {x.shape[-1]} features, not a positive multiple of head_dim {head_dim}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be [D_out, {x.shape[-1]}], got {list(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if not isinstance(heads, torch.Tensor) or heads.dim() != 1 or heads.dtype != torch.int64:
+        raise TypeError("heads must be a 1-D int64 tensor")
+    if heads.device != x.device:
+        raise ValueError(f"heads is on {heads.device} but x is on {x.device}")
+    H = x.shape[-1] // head_dim
+    K = heads.numel()
+    if K > H:
+        raise ValueError(f"heads has {K} entries but there are only {H} heads")
+    if heads.device.type == "cpu" and K:
+        hl = heads.tolist()
+        for i, h in enumerate(hl):
+            if not 0 <= h < H:
+                raise ValueError(f"head {h} out of range: there are {H} heads")
+            if i and h <= hl[i - 1]:
+                raise ValueError(f"heads must be sorted and unique, got {hl[i - 1]} before {h}")
+    _check_param(A, "A", x, K, head_dim)
+    _check_param(v, "v", x, K, head_dim)
+
+
+class HeadAffineLinearFn(torch.autograd.Function):
+    """Frozen weight and bias; gradients for x, A and v. Saves only x's selected columns (for dA)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, heads, A, v, head_dim, backend):
+        y = backend.forward(x, weight, bias, heads, A, v, head_dim)
+        ctx.backend, ctx.head_dim = backend, head_dim
+        ctx.has_A, ctx.has_v = A is not None, v is not None
+        ctx.v_dtype = v.dtype if v is not None else None
+        x_sel = None
+        if A is not None and A.requires_grad:
+            K, H = heads.numel(), x.shape[1] // head_dim
+            # With every head selected x_S is x itself: keep a reference, never a copy.
+            x_sel = x if K == H else x.index_select(1, selected_columns(heads, head_dim))
+        ctx.save_for_backward(x_sel, weight, heads, A)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x_sel, weight, heads, A = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dA = ctx.has_A and ctx.needs_input_grad[4]
+        need_dv = ctx.has_v and ctx.needs_input_grad[5]
+        if not (need_dx or need_dA or need_dv):
+            return (None,) * 8
+        dx, dA, dv = ctx.backend.backward(
+            dy.contiguous(), x_sel, weight, heads, A, ctx.head_dim, need_dx, need_dA, need_dv
+        )
+        if dA is not None:
+            dA = dA.to(A.dtype)
+        if dv is not None:
+            dv = dv.to(ctx.v_dtype)
+        return dx, None, None, None, dA, dv, None, None
+
+
+def _differentiable_reference(x, weight, bias, heads, A, v, head_dim):
+    """Plain autograd path for a trainable weight or bias, and for empty inputs (slower, always correct)."""
+    N, C = x.shape
+    xh = x.reshape(N, C // head_dim, head_dim)
+    xs = xh.index_select(1, heads).float()
+    if A is not None:
+        xs = xs * (1.0 + A.float())
+    if v is not None:
+        xs = xs + v.float()
+    xp = xh.index_copy(1, heads, xs.to(x.dtype)).reshape(N, C)
+    return F.linear(xp, weight, bias)
+
+
+def head_affine_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    heads: torch.Tensor,
+    A: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    head_dim: int,
+    backend: str = "auto",
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """y = x' @ weight.T (+ bias), where x' equals x except on the selected heads' columns:
+    x'[..., h_k*d:(h_k+1)*d] = (1 + A[k]) * x[..., h_k*d:(h_k+1)*d] + v[k].
+
+    x: [..., H*d]; weight: [D_out, H*d]; bias: [D_out] or None; heads: sorted unique int64 [K];
+    A, v: [K, d] or None (None means "not used"). Gradients flow to x, A, v (and weight/bias if they
+    require grad, through a slower path). float32, bfloat16 and float16, accumulating in float32.
+    `validate=False` skips the input checks (for callers that validated once, like the patched modules).
+    """
+    if validate:
+        check_op_inputs(x, weight, bias, heads, A, v, head_dim)
+    if heads.numel() == 0 or (A is None and v is None):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if weight.requires_grad or (bias is not None and bias.requires_grad) or x2.shape[0] == 0:
+        y2 = _differentiable_reference(x2, weight, bias, heads, A, v, head_dim)
+    else:
+        be = get_backend(backend, x2, weight, heads.numel())
+        y2 = HeadAffineLinearFn.apply(x2, weight, bias, heads, A, v, head_dim, be)
+    return y2.reshape(*lead, weight.shape[0])
