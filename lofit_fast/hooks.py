@@ -45,16 +45,17 @@ class HookIntervention(nn.Module):
         return out.to(x.dtype).reshape(x.shape)
 
     def apply_loop(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
         d = self.head_dim
         for k, h in enumerate(self.head_list):
-            sl = x[..., h * d : (h + 1) * d]
-            new = sl
+            cols = slice(h * d, (h + 1) * d)
+            new = x[..., cols]
             if self.A is not None:
                 new = new * (1 + self.A[k])
             if self.v is not None:
                 new = new + self.v[k]
-            x[..., h * d : (h + 1) * d] = new.to(x.dtype)
+            out = x.clone()
+            out[..., cols] = new.to(x.dtype)
+            x = out
         return x
 
     def pre_hook(self, module, args):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import get_backend
-from .torch_backend import selected_columns
+from .torch_backend import acc, selected_columns
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -103,11 +103,11 @@ def _differentiable_reference(x, weight, bias, heads, A, v, head_dim):
     """Plain autograd path for a trainable weight or bias, and for empty inputs (slower, always correct)."""
     N, C = x.shape
     xh = x.reshape(N, C // head_dim, head_dim)
-    xs = xh.index_select(1, heads).float()
+    xs = acc(xh.index_select(1, heads))
     if A is not None:
-        xs = xs * (1.0 + A.float())
+        xs = xs * (1.0 + acc(A))
     if v is not None:
-        xs = xs + v.float()
+        xs = xs + acc(v)
     xp = xh.index_copy(1, heads, xs.to(x.dtype)).reshape(N, C)
     return F.linear(xp, weight, bias)
 
