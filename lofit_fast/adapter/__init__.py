@@ -1,0 +1,25 @@
+"""Adapters (save/load), merge, export, and PEFT-style names."""
+from .export import export
+from .loading import load_adapter, load_adapter_config
+from .merge import merge, merge_and_unload, merged_linear
+from .peft_names import disable_adapter, get_nb_trainable_parameters, print_trainable_parameters, unload
+from .saving import save_adapter
+from .schema import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterFormatError
+
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "load_adapter_config",
+    "merge",
+    "merge_and_unload",
+    "merged_linear",
+    "export",
+    "disable_adapter",
+    "unload",
+    "get_nb_trainable_parameters",
+    "print_trainable_parameters",
+    "AdapterFormatError",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+]

@@ -1,0 +1,138 @@
+"""export: a plain Hugging Face checkpoint of the merged model, loadable without lofit_fast."""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Set, Union
+
+import torch
+import torch.nn as nn
+
+from ..hooks import hooked_modules
+from ..patch import patched_modules
+from .merge import merge
+
+
+def copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A deep copy of the module tree and config that shares every parameter and buffer with `model`.
+
+    Costs no tensor memory. Safe as long as the copy only *replaces* tensors (as merge and the bias filling
+    below do) and never writes into the shared ones.
+    """
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _state_keys_for(model: nn.Module, config) -> Set[str]:
+    """The state-dict keys `type(model)` has under `config`, found by building it on the meta device."""
+    try:
+        with torch.device("meta"):
+            probe = type(model)(config)
+    except Exception as exc:
+        raise RuntimeError(f"cannot build {type(model).__name__} from its config on the meta device: {exc}") from exc
+    return set(probe.state_dict())
+
+
+def _unsupported(model: nn.Module, keys) -> RuntimeError:
+    import transformers
+
+    shown = ", ".join(sorted(keys)[:4]) + (" …" if len(keys) > 4 else "")
+    return RuntimeError(
+        f"cannot export {type(model).__name__}: its Hugging Face config has no way to express the merged "
+        f"o_proj biases in transformers {transformers.__version__} (built with attention_bias=True, the model "
+        f"class has no parameter for {shown}). "
+        "Keep the adapter with lofit_fast.save_adapter instead, or tune with offset=False (a scale-only "
+        "intervention merges into the weights alone)."
+    )
+
+
+def drop_dequantized_gguf_marker(model: nn.Module) -> None:
+    """A model read from a .gguf file is dequantized to plain float tensors by transformers, but keeps a GGUF
+    quantizer that makes `save_pretrained` refuse. On the export copy, drop that marker when every tensor is
+    a float; a model that really holds quantized weights is an error."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    method = getattr(method, "value", method)
+    packed = [name for name, t in model.state_dict().items() if not t.is_floating_point()]
+    if method != "gguf" or packed:
+        raise RuntimeError(
+            f"cannot export a model quantized with {method} (e.g. {packed[:2]}): export writes plain float weights; "
+            "load the model unquantized (lofit_fast.models.load_model dequantizes GGUF files)"
+        )
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def express_biases_in_config(model: nn.Module) -> None:
+    """Make `model`'s config describe exactly its parameters, turning on `attention_bias` when an o_proj has a
+    bias; q/k/v (and o_proj of unmerged layers) then get zero biases, so loading finds no missing keys.
+
+    Works on any family: the keys expected with `attention_bias=True` come from building the model class on
+    the meta device, so a family whose modeling code ignores the flag for some projection (Mistral and
+    Qwen2 in transformers 5 hard-code `o_proj` without a bias) gives a clear error instead of a checkpoint
+    that silently drops the offsets.
+    """
+    present = set(model.state_dict())
+    if present == _state_keys_for(model, model.config):
+        return
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "attention_bias", False):
+        raise _unsupported(model, present ^ _state_keys_for(model, model.config))
+    trial = copy.deepcopy(model.config)
+    trial.get_text_config().attention_bias = True
+    expected = _state_keys_for(model, trial)
+    if present - expected:
+        raise _unsupported(model, present - expected)
+    filled = []
+    for key in sorted(expected - present):
+        owner, _, name = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if name != "bias" or not isinstance(module, nn.Linear) or module.bias is not None:
+            raise RuntimeError(f"cannot export {type(model).__name__}: attention_bias=True expects {key}, which is not a missing Linear bias")
+        filled.append((module, torch.zeros(module.out_features, dtype=module.weight.dtype, device=module.weight.device)))
+    for module, zeros in filled:
+        module.bias = nn.Parameter(zeros, requires_grad=False)
+    text_config.attention_bias = True
+
+
+def export(
+    model: nn.Module,
+    directory: Union[str, Path],
+    *,
+    tokenizer=None,
+    safe_serialization: bool = True,
+    max_shard_size: Union[int, str] = "5GB",
+) -> Path:
+    """Save `model` with its interventions merged as a plain Hugging Face checkpoint (model safetensors,
+    config.json, generation_config.json, and the tokenizer when given); returns the directory.
+
+    `AutoModelForCausalLM.from_pretrained(directory)` loads it with nothing from lofit_fast and gives the same
+    logits. The caller's model is not changed: a patched model is merged on a copy that shares the base
+    tensors (no extra memory beyond the merged o_proj weights). Offsets need an o_proj bias, which Hugging
+    Face configs express only with `attention_bias=True`; that also adds q/k/v biases, written as zeros.
+    """
+    if not safe_serialization:
+        raise ValueError("export writes safetensors only: pickle checkpoints can run arbitrary code when loaded")
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(f"export needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    if hooked_modules(model):
+        raise RuntimeError(
+            "the model carries lofit_fast.hooks interventions, which export would drop; use lofit_fast.patch"
+        )
+    work = copy_sharing_tensors(model)
+    if patched_modules(work):
+        merge(work)
+    drop_dequantized_gguf_marker(work)
+    express_biases_in_config(work)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    work.save_pretrained(directory, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
