@@ -142,5 +142,11 @@ def head_affine_linear(
         y2 = _differentiable_reference(x2, weight, bias, heads, A, v, head_dim)
     else:
         be = get_backend(backend, x2, weight, heads.numel())
-        y2 = HeadAffineLinearFn.apply(x2, weight, bias, heads, A, v, head_dim, be)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x2, A, v)
+        )
+        if needs_grad:
+            y2 = HeadAffineLinearFn.apply(x2, weight, bias, heads, A, v, head_dim, be)
+        else:  # inference (e.g. decode): skip the autograd.Function's overhead
+            y2 = be.forward(x2, weight, bias, heads, A, v, head_dim)
     return y2.reshape(*lead, weight.shape[0])

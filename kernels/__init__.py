@@ -1,0 +1,26 @@
+"""Triton kernels for the head-affine o_proj GEMM (installed as `lofit_fast.kernels`).
+
+- `head_affine_forward`: y = x' Wᵀ (+ b), applying (1 + A) and + v to the selected heads' columns as each
+  x tile is loaded.
+- `offset_bias`: b + W_S v in float32, so an offsets-only forward is the plain GEMM with a folded bias.
+- `head_affine_backward`: dx = dy · W with the selected heads' columns scaled by (1 + A), and dA, dv
+  reduced only over column tiles of selected heads (or, without dx, a thin GEMM over those columns).
+
+Heads are addressed through `slot` (int32 [H]: a head's row in A and v, or -1 when unselected), which
+`head_slots` builds. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (`INTERPRETED` is True).
+"""
+import torch
+
+from ._common import GEMM_CONFIGS, INTERPRETED
+from .backward import head_affine_backward
+from .forward import head_affine_forward, offset_bias
+
+
+def head_slots(heads: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """int32 [num_heads]: k for heads[k], -1 for every other head."""
+    slot = torch.full((num_heads,), -1, dtype=torch.int32, device=heads.device)
+    slot[heads] = torch.arange(heads.numel(), dtype=torch.int32, device=heads.device)
+    return slot
+
+
+__all__ = ["INTERPRETED", "GEMM_CONFIGS", "head_affine_forward", "head_affine_backward", "offset_bias", "head_slots"]
