@@ -25,7 +25,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpu_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is torch's choice (it must match its headers)
     if os.environ.get("LOFIT_FAST_OPENMP", "1") == "1":
         cxx_flags.append("-fopenmp")
     if _want_cuda():
@@ -35,7 +35,7 @@ def _extension():
             "lofit_fast._C",
             cpu_sources + cuda_sources,
             define_macros=[("LOFIT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
         )
     return CppExtension(
@@ -48,6 +48,7 @@ def _extension():
 
 setup(
     packages=find_packages(include=["lofit_fast", "lofit_fast.*"]) + ["lofit_fast.kernels"],
+    package_data={"lofit_fast.ops": ["dispatch.json"]},
     package_dir={"lofit_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

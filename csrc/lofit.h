@@ -6,9 +6,14 @@
 //           A, v [K, d] (float32 or x's dtype)?  ->  y [N, D_out] in x's dtype.
 // backward: dy [N, D_out], x_sel [N, K*d]? (selected columns of x), weight, heads, A?
 //           -> (dx [N, H*d]?, dA [K, d] float32?, dv [K, d] float32?)
+//
+// The same functions are registered as the torch ops lofit_fast::head_affine_fwd / head_affine_bwd
+// (bindings.cpp), with CPU and CUDA kernels, so torch.compile and CUDA graphs see them as single ops.
 #pragma once
 
-#include <torch/extension.h>
+// ATen only (not torch/extension.h): this header is also compiled by nvcc, where pybind11 and the
+// torch C++ frontend would only cost compile time.
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <tuple>
@@ -33,6 +38,8 @@ Grads backward_cpu(const at::Tensor& dy, const OptTensor& x_sel, const at::Tenso
                    const OptTensor& A, int64_t head_dim, bool need_dx, bool need_dA, bool need_dv);
 
 #ifdef LOFIT_WITH_CUDA
+// Same contract as the CPU functions. Head values on the device are checked by the kernels
+// (a device-side assert, like torch's own index ops) so that no call synchronizes with the host.
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& heads,
                         const OptTensor& A, const OptTensor& v, int64_t head_dim);
 Grads backward_cuda(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight, const at::Tensor& heads,

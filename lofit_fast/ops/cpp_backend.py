@@ -1,13 +1,55 @@
-"""The pybind11 extension's CPU kernels (csrc/cpu)."""
+"""The extension's CPU kernels (csrc/cpu), called as the torch ops `lofit_fast::head_affine_fwd/bwd`.
+
+Loading `lofit_fast._C` registers the ops (csrc/bindings.cpp); this module adds their fake (meta)
+implementations, so that torch.compile traces them as single graph nodes without running them.
+"""
 from __future__ import annotations
 
 import torch
 
+_OPS = None
 
-def _ext():
-    from lofit_fast import _C
 
-    return _C
+def native_ops():
+    """`torch.ops.lofit_fast`, after loading the extension and registering the fake implementations once."""
+    global _OPS
+    if _OPS is None:
+        from lofit_fast import _C  # noqa: F401  (its static initializers register the ops)
+
+        _register_fakes()
+        _OPS = torch.ops.lofit_fast
+    return _OPS
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("lofit_fast::head_affine_fwd")
+    def _fwd_fake(x, weight, bias, heads, A, v, head_dim):
+        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
+        torch._check(x.shape[1] == weight.shape[1], lambda: f"weight must be [D_out, {x.shape[1]}]")
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("lofit_fast::head_affine_bwd")
+    def _bwd_fake(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
+        acc = _acc_dtype(dy.dtype)
+        K = heads.shape[0]
+        dx = dy.new_empty((dy.shape[0], weight.shape[1]) if need_dx else (0,))
+        dA = dy.new_empty((K, head_dim) if need_dA else (0,), dtype=acc)
+        dv = dy.new_empty((K, head_dim) if need_dv else (0,), dtype=acc)
+        return dx, dA, dv
+
+
+def call_forward(x, weight, bias, heads, A, v, head_dim):
+    return native_ops().head_affine_fwd(x, weight, bias, heads, A, v, head_dim)
+
+
+def call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
+    """The op returns empty tensors for gradients not asked for; the backend contract wants None."""
+    dx, dA, dv = native_ops().head_affine_bwd(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv)
+    return (dx if need_dx else None), (dA if need_dA else None), (dv if need_dv else None)
 
 
 class CppBackend:
@@ -16,17 +58,17 @@ class CppBackend:
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
 
     def is_available(self) -> bool:
-        _ext()
+        native_ops()
         return True
 
     def auto_priority(self, x, weight, K) -> float:
         return 1.0
 
     def forward(self, x, weight, bias, heads, A, v, head_dim):
-        return _ext().forward_cpu(x, weight, bias, heads, A, v, head_dim)
+        return call_forward(x, weight, bias, heads, A, v, head_dim)
 
     def backward(self, dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
-        return _ext().backward_cpu(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv)
+        return call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv)
 
 
 BACKEND = CppBackend()

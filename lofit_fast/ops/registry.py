@@ -81,7 +81,12 @@ def get_backend(name: str, x: torch.Tensor, weight: torch.Tensor, K: int):
         ]
         if not candidates:
             raise RuntimeError(f"no lofit_fast backend runs on {dev} tensors of dtype {x.dtype}")
-        return max(candidates, key=lambda b: getattr(b, "auto_priority", lambda *a: 0.0)(x, weight, K))
+        best, best_priority = None, float("-inf")
+        for b in candidates:  # a plain loop (not max(key=...)) so torch.compile can trace it
+            priority = b.auto_priority(x, weight, K) if hasattr(b, "auto_priority") else 0.0
+            if priority > best_priority:
+                best, best_priority = b, priority
+        return best
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}: choose one of {['auto', *_MODULES]}")
     b = _load(name)
@@ -97,6 +102,7 @@ def get_backend(name: str, x: torch.Tensor, weight: torch.Tensor, K: int):
 def check_backend_name(name: str) -> None:
     """Fail early (e.g. at patch time) on a name that is unknown or unavailable here."""
     if name == "auto":
+        available_backends()  # load every backend now, outside any compiled region
         return
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}: choose one of {['auto', *_MODULES]}")
