@@ -1,0 +1,64 @@
+"""Pictures of a head selection: a layers x heads heat map of the LoFiT scores with the top K marked."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional, Union
+
+
+def plot_head_scores(
+    selection,
+    path: Union[str, os.PathLike],
+    *,
+    k: Optional[int] = None,
+    title: Optional[str] = None,
+) -> str:
+    """Write a PNG heat map of `selection.scores` (layers on the y axis, heads on the x axis) and return
+    its path. The top k heads (default: `selection.k`, none if unset) are outlined and numbered by rank.
+    The file is written atomically."""
+    from matplotlib.figure import Figure  # the OO API renders with Agg and leaves pyplot's state alone
+    from matplotlib.patches import Rectangle
+
+    scores = selection.scores.float().numpy()
+    num_layers, num_heads = scores.shape
+    if k is None:
+        k = selection.k or 0
+    top = selection.top(k) if k else []
+
+    width = min(16.0, 2.5 + 0.45 * num_heads)
+    height = min(20.0, 1.5 + 0.22 * num_layers)
+    fig = Figure(figsize=(width, height), dpi=110)
+    ax = fig.subplots()
+    image = ax.imshow(scores, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="‖A‖₂ (head score)")
+    for rank, (layer, head) in enumerate(top, start=1):
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.8))
+        if num_layers <= 64 and num_heads <= 64:
+            ax.text(head, layer, str(rank), ha="center", va="center", color="white", fontsize=7, weight="bold")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    step_x = max(1, num_heads // 16)
+    step_y = max(1, num_layers // 16)
+    ax.set_xticks(range(0, num_heads, step_x))
+    ax.set_yticks(range(0, num_layers, step_y))
+    if title is None:
+        task = selection.meta.get("task") if isinstance(selection.meta, dict) else None
+        title = "LoFiT head scores" + (f" ({task})" if task else "")
+        if top:
+            title += f", top {len(top)} outlined"
+    ax.set_title(title)
+    fig.tight_layout()
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".heatmap-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,618 @@
+"""`lofit-fast`: LoFiT from the command line (select heads, tune, evaluate, merge, export, run, demo).
+
+    lofit-fast run --task truthfulqa --data DATA_DIR --out runs/tqa     # select + tune + eval, + random heads
+    lofit-fast demo                                                    # a short run on built-in examples
+
+Errors a user can fix (a missing file, an unknown model, a bad option) print one line and exit with 1.
+Other subcommands can be added by a `lofit_fast.methods.cli_methods` module with a `register(subparsers)`
+function; it can reuse `add_model_arguments`, `add_data_arguments`, `add_training_arguments`,
+`load_model_from_args` and `load_items` from here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+DTYPES = ("float32", "bfloat16")
+DEFAULT_SEED = 42  # the official LoFiT scripts' seed
+CLUTRR_TRAIN_SIZE = 300  # LoFiT trains on 300 CLUTRR examples
+DATA_ENV = "LOFIT_FAST_DATA"
+
+
+class UserError(Exception):
+    """A problem with the command line or the inputs: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _task_names() -> List[str]:
+    from .data import TASKS
+
+    return list(TASKS)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2",
+                   help="smollm2 (SmolLM2-135M-Instruct, default), gemma3-270m, an HF model directory or a .gguf file")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
+    g.add_argument("--backend", default="auto", help="op backend: auto (default), torch, cpp, triton, cuda")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def add_data_arguments(p: argparse.ArgumentParser, *, required_task: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", required=required_task, choices=_task_names(), help="the task")
+    g.add_argument("--data", default=os.environ.get(DATA_ENV),
+                   help=f"data folder with truthfulqa/, clutrr/, mquake/ (default: ${DATA_ENV})")
+    g.add_argument("--fold", type=int, default=0, choices=(0, 1), help="TruthfulQA fold (default 0)")
+    g.add_argument("--max-train", type=_positive_int, default=None,
+                   help=f"use at most N training examples (default: all; CLUTRR {CLUTRR_TRAIN_SIZE} as in LoFiT)")
+    g.add_argument("--max-eval", type=_positive_int, default=None, help="evaluate on at most N examples")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=16, help="evaluation batch size (default 16)")
+
+
+def add_training_arguments(p: argparse.ArgumentParser, *, select: bool = True, tune: bool = True) -> None:
+    g = p.add_argument_group("training (defaults: the official LoFiT scripts, Llama-2-7B values)")
+    g.add_argument("--epochs", type=_positive_int, default=5, help="epochs for each step (default 5)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size (default 8)")
+    if select:
+        g.add_argument("--select-lr", type=_positive_float, default=5e-3, help="step 1 learning rate (default 5e-3)")
+        g.add_argument("--l1", type=_nonnegative_float, default=5e-4, help="step 1 L1 weight λ (default 5e-4)")
+    if tune:
+        g.add_argument("--lr", type=_positive_float, default=1e-2, help="step 2 learning rate (default 1e-2)")
+    g.add_argument("--k", type=_positive_int, default=None, help="number of heads to tune (default ≈3%% of heads)")
+    g.add_argument("--init-std", type=_nonnegative_float, default=1e-3, help="A / v init std (default 1e-3)")
+    g.add_argument("--beta", type=_positive_float, default=0.5, help="DPO β for TruthfulQA (default 0.5)")
+    g.add_argument("--max-grad-norm", type=_nonnegative_float, default=1.0,
+                   help="gradient clipping norm, 0 for none (default 1.0, the HF Trainer's)")
+    g.add_argument("--max-length", type=_positive_int, default=None, help="truncate training sequences to N tokens")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    return name
+
+
+def load_model_from_args(args):
+    """(model, tokenizer) for --model / --dtype / --device."""
+    import torch
+
+    from .models import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return load_model(args.model, dtype=dtype, device=_device(args.device))
+
+
+def _splits(task: str):
+    """(training split, evaluation split): TruthfulQA reports test, CLUTRR / MQuAKE report val."""
+    return ("train", "test") if task == "truthfulqa" else ("train", "val")
+
+
+def _require_data(args) -> str:
+    if not args.data:
+        raise UserError(f"no data folder: pass --data DIR (or set ${DATA_ENV})")
+    if not os.path.isdir(args.data):
+        raise UserError(f"data folder not found: {args.data}")
+    return args.data
+
+
+def load_items(args, which: str):
+    """The task items for `which` ("train" or "eval") from --data, cut to --max-train / --max-eval."""
+    from .data import load_split
+
+    data = _require_data(args)
+    train_split, eval_split = _splits(args.task)
+    if which == "train":
+        limit = args.max_train
+        if limit is None and args.task == "clutrr":
+            limit = CLUTRR_TRAIN_SIZE
+        split = train_split
+    else:
+        limit, split = args.max_eval, eval_split
+    items = load_split(args.task, data, split, fold=args.fold, limit=limit)
+    if not items:
+        raise UserError(f"no {args.task} {split} examples found in {data}")
+    return list(items)
+
+
+def _dumps(payload: dict) -> str:
+    """JSON with one top-level key per line (head lists and metric dicts stay on their line)."""
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in payload.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _write_json(path: str, payload: dict) -> str:
+    """Write atomically: a temporary file in the same folder, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(_dumps(payload))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _evaluate(args, model, tokenizer, items, label: str) -> Dict[str, float]:
+    from .eval import evaluate
+
+    _log(args, f"evaluating {label} on {len(items)} {args.task} examples ...")
+    metrics = evaluate(args.task, model, tokenizer, items, batch_size=args.eval_batch_size, progress=not args.quiet)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _log(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _train_kw(args) -> dict:
+    return dict(
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        init_std=args.init_std,
+        seed=args.seed,
+        backend=args.backend,
+        beta=args.beta,
+        max_grad_norm=args.max_grad_norm or None,
+        max_length=args.max_length,
+        progress=not args.quiet,
+    )
+
+
+def _select(args, model, tokenizer, train_items):
+    from .methods import default_k, select_heads
+
+    k = args.k or default_k(model)
+    return select_heads(
+        model, tokenizer, train_items, task=args.task, k=k, l1=args.l1, lr=args.select_lr, **_train_kw(args)
+    )
+
+
+def _tune(args, model, tokenizer, train_items, heads, desc):
+    from .methods import tune
+
+    return tune(
+        model, tokenizer, train_items, heads, task=args.task, lr=args.lr, return_history=True, desc=desc,
+        **_train_kw(args),
+    )
+
+
+def _hyperparameters(args) -> dict:
+    keys = ("epochs", "batch_size", "select_lr", "l1", "lr", "init_std", "beta", "max_grad_norm", "max_length",
+            "seed", "dtype", "backend", "fold", "max_train", "max_eval")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+
+
+def _table(rows: Dict[str, Dict[str, float]], extra: Optional[Dict[str, str]] = None) -> str:
+    metrics = []
+    for values in rows.values():
+        for m in values:
+            if m not in metrics:
+                metrics.append(m)
+    head = ["", *metrics] + (list(next(iter(extra.values())).keys()) if extra else [])
+    lines = [head]
+    for name, values in rows.items():
+        line = [name, *[f"{values[m]:.4f}" if m in values else "-" for m in metrics]]
+        if extra:
+            line += list(extra.get(name, {}).values())
+        lines.append(line)
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def _trainable(model) -> int:
+    from .patch import trainable_parameters
+
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def _heads_arg(text: str):
+    pairs = []
+    for chunk in text.split(","):
+        try:
+            layer, head = chunk.strip().split(":")
+            pairs.append((int(layer), int(head)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"heads must look like 'layer:head,layer:head', got {text!r}") from None
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def cmd_select(args) -> int:
+    from .analysis import plot_head_scores
+
+    train_items = load_items(args, "train")
+    model, tokenizer = load_model_from_args(args)
+    selection = _select(args, model, tokenizer, train_items)
+    selection.meta["model"] = args.model
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    selection.save(os.path.join(out, "selection.json"))
+    plot_head_scores(selection, os.path.join(out, "heads.png"))
+    print(f"top {selection.k} heads (layer, head, ‖A‖₂):")
+    for layer, head, score in selection.ranked()[: selection.k]:
+        print(f"  {layer:3d} {head:3d}  {score:.5f}")
+    print(f"wrote {os.path.join(out, 'selection.json')} and {os.path.join(out, 'heads.png')}")
+    return 0
+
+
+def _heads_for_tune(args, model):
+    from .methods import HeadSelection, default_k, random_heads
+
+    if args.random:
+        return random_heads(model, args.k or default_k(model), seed=args.seed), None
+    if args.heads:
+        return args.heads, None
+    selection = HeadSelection.load(args.selection)
+    selection.check_model(model)
+    return selection.top(args.k or selection.k or default_k(model)), selection
+
+
+def cmd_tune(args) -> int:
+    from .adapter import save_adapter
+
+    if sum(bool(x) for x in (args.selection, args.heads, args.random)) != 1:
+        raise UserError("tune needs exactly one of --selection FILE, --heads L:H,... or --random")
+    train_items = load_items(args, "train")
+    model, tokenizer = load_model_from_args(args)
+    heads, selection = _heads_for_tune(args, model)
+    model, record = _tune(args, model, tokenizer, train_items, heads, "LoFiT: tune v")
+    method = "lofit-random-heads" if args.random else "lofit"
+    save_adapter(model, args.out, selection=selection, method=method,
+                 hyperparameters={**_hyperparameters(args), "task": args.task, "model": args.model})
+    print(f"tuned {len(heads)} heads ({_trainable(model)} trainable parameters), final loss "
+          f"{record['epoch_loss'][-1]:.4f}; adapter written to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .adapter import load_adapter
+
+    items = load_items(args, "eval")
+    model, tokenizer = load_model_from_args(args)
+    if args.adapter:
+        load_adapter(model, args.adapter, backend=args.backend)
+    metrics = _evaluate(args, model, tokenizer, items, "the adapter" if args.adapter else "the base model")
+    name = "lofit" if args.adapter else "base"
+    print(_table({name: metrics}))
+    if args.out:
+        path = _write_json(os.path.join(args.out, "eval.json"), {
+            "task": args.task, "model": args.model, "adapter": args.adapter,
+            "split": _splits(args.task)[1], "examples": len(items), name: metrics,
+        })
+        print(f"wrote {path}")
+    return 0
+
+
+def _probe_logits(model, tokenizer):
+    import torch
+
+    enc = tokenizer(["Q: What is the capital of France? A:", "The quick brown fox"], return_tensors="pt",
+                    padding=True)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(**{k: v.to(device) for k, v in enc.items()}).logits.float()
+
+
+def cmd_merge(args) -> int:
+    from .adapter import export, load_adapter, merge
+
+    model, tokenizer = load_model_from_args(args)
+    load_adapter(model, args.adapter, backend=args.backend)
+    before = _probe_logits(model, tokenizer)
+    merge(model)
+    after = _probe_logits(model, tokenizer)
+    diff = (before - after).abs().max().item()
+    print(f"merged the adapter into o_proj; max |logit difference| on a probe: {diff:.3g}")
+    if args.out:
+        export(model, args.out, tokenizer=tokenizer)
+        print(f"wrote the merged model to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .adapter import export, load_adapter
+
+    model, tokenizer = load_model_from_args(args)
+    load_adapter(model, args.adapter, backend=args.backend)
+    export(model, args.out, tokenizer=tokenizer)
+    print(f"wrote a plain Hugging Face checkpoint (loads with AutoModelForCausalLM) to {args.out}")
+    return 0
+
+
+RESULT_KEYS = ("task", "model", "k", "heads", "trainable_params", "seconds", "base", "lofit", "random")
+
+
+def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None) -> dict:
+    """Base, LoFiT and random-heads (same K) on one task; writes results.json, selection.json, heads.png and
+    the LoFiT adapter to args.out and returns the results."""
+    from .adapter import save_adapter
+    from .analysis import plot_head_scores
+    from .methods import random_heads
+    from .patch import unpatch
+
+    start = time.perf_counter()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    results_path = os.path.join(out, "results.json")
+    if model is None:
+        model, tokenizer = load_model_from_args(args)
+    seconds: Dict[str, float] = {}
+    results: Dict[str, object] = {"task": args.task, "model": args.model}
+    info = {
+        "train_examples": len(train_items),
+        "eval_examples": len(eval_items),
+        "eval_split": _splits(args.task)[1],
+        "device": str(next(model.parameters()).device),
+        "seconds_by_stage": seconds,
+    }
+
+    def checkpoint(**fields):
+        """results.json grows after every stage, so a long run shows its progress and keeps what it has."""
+        results.update(fields)
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        merged = {**results, **info}
+        _write_json(results_path, {**{key: merged[key] for key in RESULT_KEYS if key in merged}, **merged})
+
+    t = time.perf_counter()
+    base = _evaluate(args, model, tokenizer, eval_items, "the base model")
+    seconds["eval_base"] = round(time.perf_counter() - t, 1)
+    checkpoint(base=base)
+
+    t = time.perf_counter()
+    _log(args, f"LoFiT step 1: selecting heads on {len(train_items)} {args.task} examples ...")
+    selection = _select(args, model, tokenizer, train_items)
+    selection.meta["model"] = args.model
+    seconds["select"] = round(time.perf_counter() - t, 1)
+    k = selection.k
+    heads = selection.top(k)
+    selection.save(os.path.join(out, "selection.json"))
+    plot_head_scores(selection, os.path.join(out, "heads.png"))
+    hyper = {**_hyperparameters(args), "task": args.task, "model": args.model, "k": k}
+    info["hyperparameters"] = hyper
+    info["train_loss"] = {"select": selection.meta.get("final_loss")}
+    checkpoint(k=k, heads=[[layer, head] for layer, head in heads])
+
+    t = time.perf_counter()
+    _log(args, f"LoFiT step 2: tuning v on the top {k} heads ...")
+    model, lofit_record = _tune(args, model, tokenizer, train_items, heads, "LoFiT step 2: tune v")
+    seconds["tune"] = round(time.perf_counter() - t, 1)
+    trainable = _trainable(model)
+    info["train_loss"]["lofit"] = lofit_record["epoch_loss"]
+    save_adapter(model, os.path.join(out, "adapter"), selection=selection, method="lofit", hyperparameters=hyper)
+    t = time.perf_counter()
+    lofit = _evaluate(args, model, tokenizer, eval_items, "LoFiT")
+    seconds["eval_lofit"] = round(time.perf_counter() - t, 1)
+    unpatch(model)
+    checkpoint(trainable_params=trainable, base=base, lofit=lofit)
+
+    t = time.perf_counter()
+    rand_heads = random_heads(model, k, seed=args.seed)
+    _log(args, f"baseline: tuning v on {k} random heads {rand_heads} ...")
+    model, random_record = _tune(args, model, tokenizer, train_items, rand_heads, "random heads: tune v")
+    seconds["tune_random"] = round(time.perf_counter() - t, 1)
+    info["train_loss"]["random"] = random_record["epoch_loss"]
+    info["random_heads"] = [[layer, head] for layer, head in rand_heads]
+    t = time.perf_counter()
+    rand = _evaluate(args, model, tokenizer, eval_items, "random heads")
+    seconds["eval_random"] = round(time.perf_counter() - t, 1)
+    unpatch(model)
+    checkpoint(random=rand)
+    merged = {**results, **info}
+    return {**{key: merged[key] for key in RESULT_KEYS}, **merged}
+
+
+def _print_results(results: dict, out: str) -> None:
+    k = results["k"]
+    print(f"\n{results['task']} ({results['eval_split']}, {results['eval_examples']} examples), model "
+          f"{results['model']}, K = {k} heads, {results['trainable_params']} trainable parameters, "
+          f"{results['seconds']:.0f} s")
+    print(_table({"base": results["base"], f"lofit (top {k})": results["lofit"],
+                  f"random {k} heads": results["random"]}))
+    print(f"\noutputs in {out}: results.json, selection.json, heads.png (heat map), adapter/")
+
+
+def cmd_run(args) -> int:
+    if args.out is None:
+        args.out = os.path.join("runs", args.task)
+    train_items = load_items(args, "train")
+    eval_items = load_items(args, "eval")
+    results = run_experiment(args, train_items, eval_items)
+    _print_results(results, args.out)
+    return 0
+
+
+DEMO_TRAIN, DEMO_EVAL, DEMO_EPOCHS = 48, 48, 2
+
+
+def cmd_demo(args) -> int:
+    """A short TruthfulQA run: the fold's data when --data is given, else the built-in examples."""
+    from .data import builtin_truthfulqa
+
+    args.task = "truthfulqa"
+    args.fold = getattr(args, "fold", 0)
+    if args.out is None:
+        args.out = os.path.join("runs", "demo")
+    if args.data:
+        args.max_train = args.max_train or DEMO_TRAIN
+        args.max_eval = args.max_eval or DEMO_EVAL
+        train_items = load_items(args, "train")
+        eval_items = load_items(args, "eval")
+        source = f"TruthfulQA fold {args.fold} from {args.data}"
+    else:
+        items = list(builtin_truthfulqa())
+        half = len(items) // 2
+        train_items, eval_items = items[:half], items[half:]
+        if args.max_train:
+            train_items = train_items[: args.max_train]
+        if args.max_eval:
+            eval_items = eval_items[: args.max_eval]
+        source = "the built-in TruthfulQA examples (pass --data DIR for the real data)"
+    print(f"lofit-fast demo: LoFiT on {args.model}, {source}: {len(train_items)} training and "
+          f"{len(eval_items)} evaluation questions, {args.epochs} epochs per step", flush=True)
+    results = run_experiment(args, train_items, eval_items)
+    _print_results(results, args.out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lofit-fast",
+        description="LoFiT (localized fine-tuning of attention heads) on Llama / Gemma models, fast.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("select", help="LoFiT step 1: score every head, write selection.json and a heat map")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_training_arguments(p, tune=False)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("tune", help="LoFiT step 2: tune v on selected (or random) heads, write an adapter")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_training_arguments(p, select=False)
+    heads = p.add_argument_group("heads (one of)")
+    heads.add_argument("--selection", help="selection.json from `lofit-fast select` (its top --k heads)")
+    heads.add_argument("--heads", type=_heads_arg, help="explicit heads, e.g. 3:1,17:4")
+    heads.add_argument("--random", action="store_true", help="--k random heads (the baseline)")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("eval", help="evaluate the base model, or the model with an adapter")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    p.add_argument("--adapter", help="adapter folder (from tune or run); omit for the base model")
+    p.add_argument("--out", help="folder for eval.json")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold an adapter into the weights, check the logits, optionally save")
+    add_model_arguments(p)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", help="write the merged model here as a plain HF checkpoint")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write base model + adapter as a plain Hugging Face checkpoint")
+    add_model_arguments(p)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="select + tune + evaluate: base, LoFiT and random heads with the same K")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_training_arguments(p)
+    p.add_argument("--out", help="output folder (default runs/TASK)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="a short LoFiT run on TruthfulQA (built-in examples unless --data)")
+    add_model_arguments(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.environ.get(DATA_ENV), help="data folder with truthfulqa/ (optional)")
+    g.add_argument("--fold", type=int, default=0, choices=(0, 1), help="TruthfulQA fold (default 0)")
+    g.add_argument("--max-train", type=_positive_int, default=None,
+                   help=f"training questions (default {DEMO_TRAIN} with --data)")
+    g.add_argument("--max-eval", type=_positive_int, default=None,
+                   help=f"evaluation questions (default {DEMO_EVAL} with --data)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=16, help="evaluation batch size")
+    add_training_arguments(p)
+    p.set_defaults(epochs=DEMO_EPOCHS)
+    p.add_argument("--out", help="output folder (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    if importlib.util.find_spec("lofit_fast.methods.cli_methods") is not None:
+        importlib.import_module("lofit_fast.methods.cli_methods").register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lofit-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line instead of a traceback
+        if getattr(args, "debug", False) or os.environ.get("LOFIT_FAST_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "" if isinstance(exc, (UserError, FileNotFoundError, ValueError)) else f"{type(exc).__name__}: "
+        print(f"lofit-fast {args.command}: error: {kind}{message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

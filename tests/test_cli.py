@@ -1,0 +1,153 @@
+"""`lofit-fast` end to end on a tiny random model saved as an HF folder and tiny fixtures in the official
+formats (tests/fixtures/lofit/)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lofit_fast.cli import main
+from test_lofit import HEAD_DIM, char_tokenizer, tiny_llama
+
+FIXTURES = str(Path(__file__).parent / "fixtures" / "lofit")
+QUIET = ["--threads", "1", "--quiet", "--device", "cpu"]
+FAST = ["--epochs", "1", "--batch-size", "2", *QUIET]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_run_truthfulqa_writes_the_results_the_readme_shows(model_dir, tmp_path, capsys):
+    out = tmp_path / "tqa"
+    rc = run_cli("run", "--model", model_dir, "--task", "truthfulqa", "--data", FIXTURES, "--k", 2, "--out", out,
+                 *FAST)
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "truthfulqa" and results["model"] == model_dir and results["k"] == 2
+    assert len(results["heads"]) == 2 and all(len(h) == 2 for h in results["heads"])
+    assert results["trainable_params"] == 2 * HEAD_DIM
+    assert results["seconds"] > 0
+    for name in ("base", "lofit", "random"):
+        assert set(results[name]) == {"mc1", "mc2"}
+        assert all(0.0 <= v <= 1.0 for v in results[name].values())
+    assert results["train_examples"] == 5 and results["eval_examples"] == 3 and results["eval_split"] == "test"
+    selection = json.loads((out / "selection.json").read_text())
+    assert [[l, h] for l, h, _ in selection["ranked"][:2]] == results["heads"]
+    assert (out / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted([int(l), h] for l, hs in config["heads"].items() for h in hs) == sorted(results["heads"])
+    printed = capsys.readouterr().out
+    assert "base" in printed and "lofit (top 2)" in printed and "random 2 heads" in printed
+
+
+@pytest.mark.parametrize("task", ["clutrr", "mquake"])
+def test_run_generation_tasks_report_accuracy_on_val(model_dir, tmp_path, task):
+    out = tmp_path / task
+    assert run_cli("run", "--model", model_dir, "--task", task, "--data", FIXTURES, "--out", out, *FAST) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_split"] == "val" and results["k"] == 1  # 3 % of 8 heads, at least one
+    for name in ("base", "lofit", "random"):
+        assert set(results[name]) == {"accuracy"} and 0.0 <= results[name]["accuracy"] <= 1.0
+
+
+def test_select_tune_eval_merge_export(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lofit_fast.adapter import load_adapter
+    from lofit_fast.models import load_model
+
+    sel_dir, adapter, eval_dir, exported = (tmp_path / n for n in ("sel", "adapter", "eval", "export"))
+    common = ["--model", model_dir, "--task", "mquake", "--data", FIXTURES, *FAST]
+    assert run_cli("select", *common, "--out", sel_dir) == 0
+    assert (sel_dir / "selection.json").is_file() and (sel_dir / "heads.png").is_file()
+    assert run_cli("tune", *common, "--selection", sel_dir / "selection.json", "--k", 2, "--out", adapter) == 0
+    assert run_cli("eval", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, *QUIET, "--adapter", adapter,
+                   "--out", eval_dir) == 0
+    assert set(json.loads((eval_dir / "eval.json").read_text())["lofit"]) == {"accuracy"}
+    capsys.readouterr()
+    assert run_cli("merge", "--model", model_dir, "--adapter", adapter, "--quiet") == 0
+    diff = float(capsys.readouterr().out.split("probe: ")[1].split()[0])
+    assert diff < 1e-4
+    assert run_cli("export", "--model", model_dir, "--adapter", adapter, "--out", exported, "--quiet") == 0
+
+    patched, tok = load_model(model_dir)
+    load_adapter(patched, adapter)
+    plain = AutoModelForCausalLM.from_pretrained(exported)
+    ids = tok(["Q: Is ice hot? A: No"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, patched(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_tune_on_random_heads_and_explicit_heads(model_dir, tmp_path):
+    common = ["--model", model_dir, "--task", "mquake", "--data", FIXTURES, *FAST]
+    assert run_cli("tune", *common, "--random", "--k", 3, "--out", tmp_path / "r") == 0
+    config = json.loads((tmp_path / "r" / "adapter_config.json").read_text())
+    assert sum(len(h) for h in config["heads"].values()) == 3
+    assert run_cli("tune", *common, "--heads", "1:3,0:2", "--out", tmp_path / "e") == 0
+    config = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
+    assert {int(l): h for l, h in config["heads"].items()} == {0: [2], 1: [3]}
+
+
+def test_demo_runs_on_the_builtin_examples(model_dir, tmp_path, capsys):
+    rc = run_cli("demo", "--model", model_dir, "--out", tmp_path / "demo", "--max-train", 4, "--max-eval", 3,
+                 "--k", 2, *FAST)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "built-in" in printed and "mc1" in printed and str(tmp_path / "demo") in printed
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["train_examples"] == 4 and results["eval_examples"] == 3
+
+
+def test_errors_are_one_line_without_traceback(model_dir, tmp_path, capsys):
+    assert run_cli("run", "--task", "clutrr", "--data", tmp_path / "nowhere", "--model", model_dir) == 1
+    assert "data folder not found" in one_error_line(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("run", "--task", "clutrr", "--data", empty, "--model", model_dir, *FAST) == 1
+    assert "clutrr" in one_error_line(capsys)
+    assert run_cli("eval", "--task", "mquake", "--data", FIXTURES, "--model", tmp_path / "no-model", *QUIET) == 1
+    assert "no-model" in one_error_line(capsys)
+    assert run_cli("tune", "--task", "mquake", "--data", FIXTURES, "--model", model_dir, "--out", tmp_path, *FAST) == 1
+    assert "exactly one of" in one_error_line(capsys)
+    assert run_cli("eval", "--task", "mquake", "--model", model_dir, "--data", "") == 1
+    assert "--data" in one_error_line(capsys)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("run", "--task", "squad", "--data", FIXTURES)
+    assert exit_info.value.code == 2
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lofit_fast", "run", "--task", "mquake", "--data", str(tmp_path / "missing")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"lofit-fast run: error: data folder not found: {tmp_path / 'missing'}"]

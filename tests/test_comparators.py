@@ -1,0 +1,162 @@
+"""LoRA (peft) and RED as comparators: identity at init, training through lofit_fast.train, merge, undo."""
+import pytest
+import torch
+
+from lofit_fast.data import SFTExample
+from lofit_fast.methods import comparators as cmp
+from lofit_fast.train import train
+from models import random_ids
+from test_steer import char_model, char_tokenizer, logits
+
+EXAMPLES = [SFTExample("Q: sky? A:", " blue"), SFTExample("Q: grass? A:", " green"), SFTExample("Q: 1+1? A:", " 2")]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_red_is_identity_at_init_and_merges_exactly(family):
+    model = char_model(family)
+    ids = random_ids(2, 6) + 4
+    base = logits(model, ids)
+    cmp.red(model)
+    assert sorted(cmp.red_modules(model)) == [0, 1, 2]
+    assert cmp.trainable_count(cmp.red_parameters(model)) == 3 * 2 * 48
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+    cmp.unred(model)
+    cmp.red(model, [0, 2], init_std=0.2)
+    edited = logits(model, ids)
+    assert (edited - base).abs().max() > 1e-3
+    cmp.merge_red(model)
+    assert cmp.red_modules(model) == {}
+    torch.testing.assert_close(logits(model, ids), edited, rtol=0, atol=1e-10)
+
+
+def test_red_edit_by_hand():
+    model = char_model()
+    cmp.red(model, [1], init_std=0.3)
+    edit = cmp.red_modules(model)[1]
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(2, 3, 48, dtype=torch.float64)
+    with torch.no_grad():
+        plain = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), plain * (1 + edit.scale.double()) + edit.bias.double())
+
+
+def test_red_checks_layers_and_is_atomic():
+    model = char_model()
+    with pytest.raises(ValueError, match="out of range"):
+        cmp.red(model, [0, 7])
+    assert cmp.red_modules(model) == {}
+    cmp.red(model, [1])
+    with pytest.raises(RuntimeError, match="already has RED"):
+        cmp.red(model)
+
+
+def test_red_trains_with_the_shared_loop():
+    model = char_model(dtype=torch.float32)
+    tok = char_tokenizer()
+    ids = random_ids(2, 6) + 4
+    base = logits(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cmp.red(model)
+    out = train(model, tok, EXAMPLES, kind="sft", params=cmp.red_parameters(model), lr=1e-2, epochs=2,
+                batch_size=2, progress=False)
+    assert out["epoch_loss"][1] < out["epoch_loss"][0]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # only the RED parameters moved
+    assert all(cmp.red_modules(model)[layer].bias.abs().max() > 0 for layer in range(3))
+    assert (logits(model, ids) - base).abs().max() > 1e-4
+    cmp.unred(model)
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+
+
+def test_lora_counts_trains_merges_and_unloads():
+    base_model = char_model(dtype=torch.float32)
+    tok = char_tokenizer()
+    ids = random_ids(2, 6) + 4
+    base = logits(base_model, ids)
+    model = cmp.lora(base_model, r=8)
+    params = cmp.lora_parameters(model)
+    # per layer: q_proj 48 -> 64 and v_proj 48 -> 32, each r·(in + out)
+    assert cmp.trainable_count(params) == 3 * (8 * (48 + 64) + 8 * (48 + 32))
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)  # B = 0 at init
+    out = train(model, tok, EXAMPLES, kind="sft", params=params, lr=1e-2, epochs=2, batch_size=2, progress=False)
+    assert out["epoch_loss"][1] < out["epoch_loss"][0]
+    tuned = logits(model, ids)
+    assert (tuned - base).abs().max() > 1e-4
+    merged = cmp.unlora(model, merge=True)
+    torch.testing.assert_close(logits(merged, ids), tuned, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_unload_restores_the_base_model():
+    base_model = char_model(dtype=torch.float32)
+    ids = random_ids(1, 5) + 4
+    base = logits(base_model, ids)
+    model = cmp.lora(base_model, r=4)
+    with torch.no_grad():
+        for p in cmp.lora_parameters(model):
+            p.normal_(0, 0.5)
+    assert (logits(model, ids) - base).abs().max() > 1e-4
+    restored = cmp.unlora(model)
+    assert not any("lora_" in n for n, _ in restored.named_parameters())
+    torch.testing.assert_close(logits(restored, ids), base, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ run_method, all methods
+from pathlib import Path  # noqa: E402
+
+from lofit_fast.data import GenItem, MCItem  # noqa: E402
+from lofit_fast.methods.cli_methods import METHODS, run_method  # noqa: E402
+from lofit_fast.patch import patched_modules  # noqa: E402
+from lofit_fast.steer import steered_layers  # noqa: E402
+
+TQA = [
+    MCItem(question=q, prompt=f"Q: {q} A:", best=c[0], correct=c, incorrect=w)
+    for q, c, w in [
+        ("Is ice cold?", ["Yes", "It is cold"], ["No"]),
+        ("Do fish fly?", ["No"], ["Yes", "Always"]),
+        ("Is 1+1 2?", ["Yes"], ["No, 3"]),
+        ("Is the sun hot?", ["Yes, very"], ["No", "It is icy"]),
+        ("Can rocks talk?", ["No"], ["Yes"]),
+    ]
+]
+GEN = [GenItem(f"Q: Imagine X{i}. Where? A:", a) for i, a in enumerate(["Paris", "Rome", "Oslo", "Paris", "Bern"])]
+HONESTY = Path(__file__).parent / "fixtures" / "honesty"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_method_leaves_the_model_as_it_came(method):
+    model = char_model(dtype=torch.float32)
+    tok = char_tokenizer()
+    ids = random_ids(2, 6) + 4
+    base = logits(model, ids)
+    flags = [p.requires_grad for p in model.parameters()]
+    kw = dict(epochs=1, batch_size=4, k=2, coeff="auto", coeff_grid=(0.5, 2.0), coeff_items=2, max_pairs=12,
+              honesty_dir=HONESTY, eval_batch_size=4)
+    out = run_method(method, model, tok, "truthfulqa", TQA[:4], TQA[4:], **kw)
+    assert set(out["metrics"]) == {"mc1", "mc2"} and 0 <= out["metrics"]["mc2"] <= 1
+    assert out["trainable_params"] >= 0 and out["seconds"] >= 0
+    expected_trainable = {"base": 0, "iti": 0, "repe": 0, "lofit": 2 * 16, "lora": 4608, "red": 288,
+                          "rep_tuning": 2 * 3 * 4 * 16}
+    assert out["trainable_params"] == expected_trainable[method]
+    if method == "iti":
+        assert out["fitted_params"] == 2 * 16
+    if method == "repe":
+        assert out["fitted_params"] == 48 and out["info"]["coeff"] in (0.5, 2.0)
+    assert patched_modules(model) == {} and steered_layers(model) == []
+    assert not any("lora" in n or "lofit" in n for n, _ in model.named_modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["iti", "repe"])
+def test_run_method_on_a_generation_task(method):
+    model = char_model(dtype=torch.float32)
+    tok = char_tokenizer()
+    out = run_method(method, model, tok, "mquake", GEN, GEN[:2], k=2, coeff=1.0, max_new_tokens=3,
+                     eval_batch_size=2)
+    assert set(out["metrics"]) == {"accuracy"}
+
+
+def test_run_method_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="unknown method"):
+        run_method("prompting", None, None, "truthfulqa", [], [])

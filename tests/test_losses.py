@@ -1,0 +1,184 @@
+"""Sequence log-probs, completion-only cross-entropy and the DPO loss (lofit_fast.losses)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fixtures.tiny import byte_tokenizer, tiny_llama
+from lofit_fast.data import SFTExample, collate_sft
+from lofit_fast.losses import completion_loss, dpo_loss, sequence_logprobs
+
+EXAMPLES = [
+    SFTExample("Q: Which planet is red? A:", " Mars"),
+    SFTExample("Q: hi A:", " a somewhat longer answer"),
+    SFTExample("Read the story. Answer: Ivan is Gina 's\n", "grandfather"),
+]
+
+
+def reference_logprobs(model, batch) -> list:
+    """Float64, one unpadded row at a time, every position's log-softmax, summed where labels != -100."""
+    out = []
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(mask.sum())
+        with torch.no_grad():
+            logits = model.double()(input_ids=ids[:n].unsqueeze(0)).logits[0].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        total = 0.0
+        for t in range(1, n):
+            if labels[t] != -100:
+                total += float(logp[t - 1, labels[t]])
+        out.append(total)
+    return out
+
+
+class NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward does not accept `logits_to_keep` (the fallback path)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["logits_to_keep", "full-logits"])
+def test_sequence_logprobs_match_float64_per_row_reference(wrap):
+    tok = byte_tokenizer()
+    model = tiny_llama(seed=1, dtype=torch.float64)
+    batch = collate_sft(tok, EXAMPLES)
+    expected = reference_logprobs(model, batch)
+    got = sequence_logprobs(NoLogitsToKeep(model) if wrap else model, **batch)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+    got32 = sequence_logprobs(model.float(), **batch)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_logits_to_keep_path_matches_full_logits_across_families(family):
+    """Gemma 2/3 soft-cap their final logits: the kept positions must see the same post-processing."""
+    from models import VOCAB, tiny_model
+
+    model = tiny_model(family, attn="eager", dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (3, 9), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    labels[1, 6:] = -100
+    labels[2, 5] = -100
+    fast = sequence_logprobs(model, input_ids, attention_mask, labels)
+    full = sequence_logprobs(NoLogitsToKeep(model), input_ids, attention_mask, labels)
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+
+
+def test_sequence_logprobs_ignore_padding_and_prompt_labels():
+    tok = byte_tokenizer()
+    model = tiny_llama(seed=2)
+    batch = collate_sft(tok, EXAMPLES)
+    base = sequence_logprobs(model, **batch).detach()
+    # other pad token ids in the padding change nothing (masked, and after the sequence)
+    noisy = {k: v.clone() for k, v in batch.items()}
+    noisy["input_ids"][noisy["attention_mask"] == 0] = 65
+    torch.testing.assert_close(sequence_logprobs(model, **noisy), base)
+    # a row alone gives the same value as inside the padded batch
+    alone = collate_sft(tok, EXAMPLES[1:2])
+    torch.testing.assert_close(sequence_logprobs(model, **alone), base[1:2], rtol=1e-5, atol=1e-5)
+    # unmasking one prompt label adds exactly that token's log-prob
+    more = {k: v.clone() for k, v in batch.items()}
+    more["labels"][0, 3] = more["input_ids"][0, 3]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=batch["input_ids"][:1]).logits[0, 2].double(), -1)
+    added = float((sequence_logprobs(model, **more)[0] - base[0]).detach())
+    assert added == pytest.approx(float(lp[batch["input_ids"][0, 3]]), abs=1e-4)
+
+
+def test_sequence_logprobs_in_float32_for_bf16_models():
+    tok = byte_tokenizer()
+    batch = collate_sft(tok, EXAMPLES)
+    model = tiny_llama(seed=3, dtype=torch.float64)
+    expected = torch.tensor(reference_logprobs(model, batch), dtype=torch.float64)
+    model = model.to(torch.bfloat16)
+    got = sequence_logprobs(model, **batch)
+    assert got.dtype == torch.float32
+    # the same bf16 logits, log-softmax and sum in float64: only float32 rounding may separate them
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits.double(), dim=-1)[:, :-1]
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    picked = logp.gather(2, target.clamp(min=0).unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(got.double(), (picked * mask).sum(1), rtol=1e-6, atol=1e-4)
+    # and bf16 weights stay near the float64 model
+    torch.testing.assert_close(got.double(), expected, rtol=0.02, atol=0.1)
+
+
+def test_completion_loss_equals_hf_shifted_cross_entropy_and_trains_only_through_completions():
+    tok = byte_tokenizer()
+    model = tiny_llama(seed=4)
+    batch = collate_sft(tok, EXAMPLES)
+    loss = completion_loss(model, batch)
+    with torch.no_grad():
+        hf = model(**batch).loss
+    torch.testing.assert_close(loss.detach(), hf, rtol=1e-5, atol=1e-6)
+    n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss.detach(), -sequence_logprobs(model, **batch).sum() / n_tokens, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_loss_input_errors():
+    tok = byte_tokenizer()
+    model = tiny_llama()
+    batch = collate_sft(tok, EXAMPLES[:1])
+    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    with pytest.raises(ValueError, match="no completion tokens"):
+        completion_loss(model, empty)
+    with pytest.raises(ValueError, match="position 0"):
+        sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["input_ids"])
+    with pytest.raises(ValueError, match="same shape"):
+        sequence_logprobs(model, batch["input_ids"], batch["attention_mask"][:, 1:], batch["labels"])
+
+
+def test_dpo_loss_against_hand_computed_values():
+    pc = torch.tensor([-1.0, -3.0], requires_grad=True)
+    pr = torch.tensor([-2.0, -1.0], requires_grad=True)
+    rc = torch.tensor([-1.5, -2.5])
+    rr = torch.tensor([-1.5, -1.5])
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # margins: 0.5·[(−1+1.5) − (−2+1.5)] = 0.5 and 0.5·[(−3+2.5) − (−1+1.5)] = −0.5
+    # loss = mean(log(1 + e^−0.5), log(1 + e^0.5))
+    assert float(loss.detach()) == pytest.approx((math.log1p(math.exp(-0.5)) + math.log1p(math.exp(0.5))) / 2, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.7240769, abs=1e-6)
+    assert metrics == pytest.approx(
+        {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracies": 0.5, "rewards/margins": 0.0}, abs=1e-7
+    )
+    assert all(isinstance(v, float) for v in metrics.values())
+    loss.backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # d loss / d π_c = −β σ(−margin) / B; d loss / d π_r = +β σ(−margin) / B
+    assert pc.grad.tolist() == pytest.approx([-0.5 * sig(-0.5) / 2, -0.5 * sig(0.5) / 2], rel=1e-6)
+    assert pr.grad.tolist() == pytest.approx([0.5 * sig(-0.5) / 2, 0.5 * sig(0.5) / 2], rel=1e-6)
+
+
+def test_dpo_loss_float64_reference_and_constant_reference():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(7, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    beta = 0.1
+    loss, m = dpo_loss(pc.float(), pr.float(), rc.float().requires_grad_(), rr.float(), beta=beta)
+    z = beta * ((pc - rc) - (pr - rr))
+    expected = torch.mean(torch.log1p(torch.exp(-z)))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert m["rewards/accuracies"] == pytest.approx(float((z > 0).double().mean()))
+    assert m["rewards/margins"] == pytest.approx(float(z.mean()), rel=1e-5, abs=1e-6)
+    assert not loss.requires_grad  # the reference log-probs are constants
+    with pytest.raises(ValueError, match="one shape"):
+        dpo_loss(pc, pr[:3], rc, rr)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(pc, pr, rc, rr, beta=0.0)
