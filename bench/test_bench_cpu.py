@@ -1,6 +1,6 @@
 """pytest-benchmark micro-benchmarks of the CPU path, so that a CPU regression shows:
 
-    pytest bench/ --benchmark-only                               # all of them (about a minute on 2 cores)
+    pytest bench/ --benchmark-only                               # all of them (minutes on 2 busy cores)
     pytest bench/ --benchmark-only -k o_proj                     # one group
     pytest bench/ --benchmark-only --benchmark-autosave          # keep the run in .benchmarks/ ...
     pytest bench/ --benchmark-only --benchmark-compare           # ... and compare the next one against it
