@@ -387,6 +387,43 @@ def cmd_export(args) -> int:
     return 0
 
 
+RESUME_SELECTION_KEYS = ("task", "l1", "lr", "epochs", "batch_size", "init_std", "seed", "max_grad_norm")
+
+
+def _previous_results(path: str, info: dict) -> dict:
+    """The earlier results.json in --out when it comes from the same settings and data (else {})."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    same = all(previous.get(key) == info[key] for key in ("train_examples", "eval_examples", "eval_split",
+                                                          "hyperparameters"))
+    return previous if same and isinstance(previous.get("seconds_by_stage"), dict) else {}
+
+
+def _previous_selection(path: str, args, model, train_examples: int):
+    """The earlier selection.json in --out when step 1 ran with the same settings on the same data (else None)."""
+    from .methods import HeadSelection
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        selection = HeadSelection.load(path)
+        selection.check_model(model)
+    except (OSError, ValueError):
+        return None
+    meta = selection.meta
+    wanted = {"task": args.task, "l1": args.l1, "lr": args.select_lr, "epochs": args.epochs,
+              "batch_size": args.batch_size, "init_std": args.init_std, "seed": args.seed,
+              "max_grad_norm": args.max_grad_norm or None}
+    same = all(meta.get(key) == wanted[key] for key in RESUME_SELECTION_KEYS)
+    same = same and meta.get("train_examples") == train_examples and meta.get("model") == args.model
+    return selection if same else None
+
+
 RESULT_KEYS = ("task", "model", "k", "heads", "trainable_params", "seconds", "base", "lofit", "random")
 
 
@@ -395,24 +432,31 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
     the LoFiT adapter to args.out and returns the results."""
     from .adapter import save_adapter
     from .analysis import plot_head_scores
-    from .methods import random_heads
+    from .methods import default_k, random_heads
     from .patch import unpatch
 
     start = time.perf_counter()
     out = args.out
     os.makedirs(out, exist_ok=True)
     results_path = os.path.join(out, "results.json")
+    selection_path = os.path.join(out, "selection.json")
     if model is None:
         model, tokenizer = load_model_from_args(args)
+    k = args.k or default_k(model)
+    hyper = {**_hyperparameters(args), "task": args.task, "model": args.model, "k": k}
     seconds: Dict[str, float] = {}
-    results: Dict[str, object] = {"task": args.task, "model": args.model}
+    results: Dict[str, object] = {"task": args.task, "model": args.model, "k": k}
     info = {
         "train_examples": len(train_items),
         "eval_examples": len(eval_items),
         "eval_split": _splits(args.task)[1],
         "device": str(next(model.parameters()).device),
+        "hyperparameters": hyper,
         "seconds_by_stage": seconds,
+        "train_loss": {},
     }
+    resume = getattr(args, "resume", False)
+    previous = _previous_results(results_path, info) if resume else {}
 
     def checkpoint(**fields):
         """results.json grows after every stage, so a long run shows its progress and keeps what it has."""
@@ -421,37 +465,53 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
         merged = {**results, **info}
         _write_json(results_path, {**{key: merged[key] for key in RESULT_KEYS if key in merged}, **merged})
 
-    t = time.perf_counter()
-    base = _evaluate(args, model, tokenizer, eval_items, "the base model")
-    seconds["eval_base"] = round(time.perf_counter() - t, 1)
+    if "base" in previous:
+        _log(args, f"resuming: base model metrics from {results_path}")
+        base = previous["base"]
+        seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
+    else:
+        t = time.perf_counter()
+        base = _evaluate(args, model, tokenizer, eval_items, "the base model")
+        seconds["eval_base"] = round(time.perf_counter() - t, 1)
     checkpoint(base=base)
 
-    t = time.perf_counter()
-    _log(args, f"LoFiT step 1: selecting heads on {len(train_items)} {args.task} examples ...")
-    selection = _select(args, model, tokenizer, train_items)
-    selection.meta["model"] = args.model
-    seconds["select"] = round(time.perf_counter() - t, 1)
-    k = selection.k
+    selection = _previous_selection(selection_path, args, model, len(train_items)) if resume else None
+    if selection is not None:
+        _log(args, f"resuming: head selection from {selection_path}")
+        seconds["select"] = selection.meta.get("seconds", 0.0)
+        selection.k = k
+    else:
+        t = time.perf_counter()
+        _log(args, f"LoFiT step 1: selecting heads on {len(train_items)} {args.task} examples ...")
+        selection = _select(args, model, tokenizer, train_items)
+        selection.meta["model"] = args.model
+        seconds["select"] = round(time.perf_counter() - t, 1)
+        selection.save(selection_path)
     heads = selection.top(k)
-    selection.save(os.path.join(out, "selection.json"))
     plot_head_scores(selection, os.path.join(out, "heads.png"))
-    hyper = {**_hyperparameters(args), "task": args.task, "model": args.model, "k": k}
-    info["hyperparameters"] = hyper
-    info["train_loss"] = {"select": selection.meta.get("final_loss")}
-    checkpoint(k=k, heads=[[layer, head] for layer, head in heads])
+    info["train_loss"]["select"] = selection.meta.get("final_loss")
+    checkpoint(heads=[[layer, head] for layer, head in heads])
 
-    t = time.perf_counter()
-    _log(args, f"LoFiT step 2: tuning v on the top {k} heads ...")
-    model, lofit_record = _tune(args, model, tokenizer, train_items, heads, "LoFiT step 2: tune v")
-    seconds["tune"] = round(time.perf_counter() - t, 1)
-    trainable = _trainable(model)
-    info["train_loss"]["lofit"] = lofit_record["epoch_loss"]
-    save_adapter(model, os.path.join(out, "adapter"), selection=selection, method="lofit", hyperparameters=hyper)
-    t = time.perf_counter()
-    lofit = _evaluate(args, model, tokenizer, eval_items, "LoFiT")
-    seconds["eval_lofit"] = round(time.perf_counter() - t, 1)
-    unpatch(model)
-    checkpoint(trainable_params=trainable, base=base, lofit=lofit)
+    adapter_dir = os.path.join(out, "adapter")
+    if "lofit" in previous and previous.get("heads") == results["heads"] and os.path.isdir(adapter_dir):
+        _log(args, f"resuming: LoFiT metrics from {results_path}")
+        trainable, lofit = previous["trainable_params"], previous["lofit"]
+        for stage in ("tune", "eval_lofit"):
+            seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
+        info["train_loss"]["lofit"] = previous.get("train_loss", {}).get("lofit")
+    else:
+        t = time.perf_counter()
+        _log(args, f"LoFiT step 2: tuning v on the top {k} heads ...")
+        model, lofit_record = _tune(args, model, tokenizer, train_items, heads, "LoFiT step 2: tune v")
+        seconds["tune"] = round(time.perf_counter() - t, 1)
+        trainable = _trainable(model)
+        info["train_loss"]["lofit"] = lofit_record["epoch_loss"]
+        save_adapter(model, adapter_dir, selection=selection, method="lofit", hyperparameters=hyper)
+        t = time.perf_counter()
+        lofit = _evaluate(args, model, tokenizer, eval_items, "LoFiT")
+        seconds["eval_lofit"] = round(time.perf_counter() - t, 1)
+        unpatch(model)
+    checkpoint(trainable_params=trainable, lofit=lofit)
 
     t = time.perf_counter()
     rand_heads = random_heads(model, k, seed=args.seed)
@@ -575,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     add_training_arguments(p)
     p.add_argument("--out", help="output folder (default runs/TASK)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the base metrics and head selection an interrupted run with the same settings left in --out")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a short LoFiT run on TruthfulQA (built-in examples unless --data)")

@@ -151,3 +151,21 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"lofit-fast run: error: data folder not found: {tmp_path / 'missing'}"]
+
+
+def test_run_resume_reuses_finished_stages_with_the_same_settings(model_dir, tmp_path, capsys):
+    out = tmp_path / "resume"
+    common = ["run", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, "--out", out, "--k", 2,
+              "--epochs", "1", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
+    assert run_cli(*common) == 0
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert run_cli(*common, "--resume") == 0
+    log = capsys.readouterr().err
+    for stage in ("base model metrics", "head selection", "LoFiT metrics"):
+        assert f"resuming: {stage}" in log
+    again = json.loads((out / "results.json").read_text())
+    for key in ("base", "heads", "lofit", "trainable_params", "random"):
+        assert again[key] == first[key]
+    assert run_cli(*common, "--resume", "--l1", "0.01") == 0  # other settings: nothing is reused
+    assert "resuming" not in capsys.readouterr().err

@@ -6,14 +6,15 @@ from lofit_fast.data import SFTExample
 from lofit_fast.methods import comparators as cmp
 from lofit_fast.train import train
 from models import random_ids
-from test_steer import char_model, char_tokenizer, logits
+from fixtures.tiny import byte_tokenizer
+from test_steer import text_model, logits
 
 EXAMPLES = [SFTExample("Q: sky? A:", " blue"), SFTExample("Q: grass? A:", " green"), SFTExample("Q: 1+1? A:", " 2")]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_red_is_identity_at_init_and_merges_exactly(family):
-    model = char_model(family)
+    model = text_model(family)
     ids = random_ids(2, 6) + 4
     base = logits(model, ids)
     cmp.red(model)
@@ -30,7 +31,7 @@ def test_red_is_identity_at_init_and_merges_exactly(family):
 
 
 def test_red_edit_by_hand():
-    model = char_model()
+    model = text_model()
     cmp.red(model, [1], init_std=0.3)
     edit = cmp.red_modules(model)[1]
     mlp = model.model.layers[1].mlp
@@ -41,7 +42,7 @@ def test_red_edit_by_hand():
 
 
 def test_red_checks_layers_and_is_atomic():
-    model = char_model()
+    model = text_model()
     with pytest.raises(ValueError, match="out of range"):
         cmp.red(model, [0, 7])
     assert cmp.red_modules(model) == {}
@@ -51,8 +52,8 @@ def test_red_checks_layers_and_is_atomic():
 
 
 def test_red_trains_with_the_shared_loop():
-    model = char_model(dtype=torch.float32)
-    tok = char_tokenizer()
+    model = text_model(dtype=torch.float32)
+    tok = byte_tokenizer()
     ids = random_ids(2, 6) + 4
     base = logits(model, ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -69,8 +70,8 @@ def test_red_trains_with_the_shared_loop():
 
 
 def test_lora_counts_trains_merges_and_unloads():
-    base_model = char_model(dtype=torch.float32)
-    tok = char_tokenizer()
+    base_model = text_model(dtype=torch.float32)
+    tok = byte_tokenizer()
     ids = random_ids(2, 6) + 4
     base = logits(base_model, ids)
     model = cmp.lora(base_model, r=8)
@@ -88,7 +89,7 @@ def test_lora_counts_trains_merges_and_unloads():
 
 
 def test_lora_unload_restores_the_base_model():
-    base_model = char_model(dtype=torch.float32)
+    base_model = text_model(dtype=torch.float32)
     ids = random_ids(1, 5) + 4
     base = logits(base_model, ids)
     model = cmp.lora(base_model, r=4)
@@ -125,8 +126,8 @@ HONESTY = Path(__file__).parent / "fixtures" / "honesty"
 
 @pytest.mark.parametrize("method", METHODS)
 def test_run_method_leaves_the_model_as_it_came(method):
-    model = char_model(dtype=torch.float32)
-    tok = char_tokenizer()
+    model = text_model(dtype=torch.float32)
+    tok = byte_tokenizer()
     ids = random_ids(2, 6) + 4
     base = logits(model, ids)
     flags = [p.requires_grad for p in model.parameters()]
@@ -150,8 +151,8 @@ def test_run_method_leaves_the_model_as_it_came(method):
 
 @pytest.mark.parametrize("method", ["iti", "repe"])
 def test_run_method_on_a_generation_task(method):
-    model = char_model(dtype=torch.float32)
-    tok = char_tokenizer()
+    model = text_model(dtype=torch.float32)
+    tok = byte_tokenizer()
     out = run_method(method, model, tok, "mquake", GEN, GEN[:2], k=2, coeff=1.0, max_new_tokens=3,
                      eval_batch_size=2)
     assert set(out["metrics"]) == {"accuracy"}

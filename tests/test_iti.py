@@ -9,7 +9,8 @@ from lofit_fast.methods import iti
 from lofit_fast.methods.activations import encode, head_activations, last_token_index
 from lofit_fast.patch import patched_modules, trainable_parameters
 from models import random_ids
-from test_steer import char_model, char_tokenizer, greedy, logits
+from fixtures.tiny import byte_tokenizer
+from test_steer import text_model, greedy, logits
 
 
 def planted(N=240, L=3, H=4, d=8, signal=(1, 2), seed=0):
@@ -97,8 +98,8 @@ ITEMS = [
 
 
 def test_head_activations_are_padding_aware():
-    model = char_model(dtype=torch.float32)
-    tok = char_tokenizer()
+    model = text_model(dtype=torch.float32)
+    tok = byte_tokenizer()
     texts = ["a", "Q: why? A: because", "hello there"]
     batched = head_activations(model, tok, texts, batch_size=3)
     single = torch.cat([head_activations(model, tok, [t]) for t in texts])
@@ -110,8 +111,8 @@ def test_head_activations_are_padding_aware():
 
 
 def test_fit_apply_merge_end_to_end():
-    model = char_model()
-    tok = char_tokenizer()
+    model = text_model()
+    tok = byte_tokenizer()
     result = iti.fit(model, tok, ITEMS, k=3, alpha=5.0, val_fraction=0.4, batch_size=4)
     again = iti.fit(model, tok, ITEMS, k=3, alpha=5.0, val_fraction=0.4, batch_size=2)
     assert result.heads == again.heads and len(result.heads) == 3
@@ -143,8 +144,8 @@ def test_fit_apply_merge_end_to_end():
 
 
 def test_batched_generation_with_iti_equals_per_sequence():
-    model = char_model()
-    tok = char_tokenizer()
+    model = text_model()
+    tok = byte_tokenizer()
     acts, labels, groups = planted(N=80, L=3, H=4, d=16)
     result = iti.fit_from_activations(acts, labels, groups, k=4, alpha=40.0)
     prompts = ["The sky is", "Q: 2+2? A:", "hello"]
@@ -161,11 +162,11 @@ def test_iti_adapter_saves_and_loads_like_any_lofit_adapter(tmp_path):
 
     acts, labels, groups = planted(N=80, L=3, H=4, d=16)
     result = iti.fit_from_activations(acts, labels, groups, k=3, alpha=10.0)
-    model = char_model()
+    model = text_model()
     ids = random_ids(2, 6) + 4
     iti.apply(model, result)
     edited = logits(model, ids)
     save_adapter(model, tmp_path / "iti", method="iti", hyperparameters={"alpha": result.alpha})
-    fresh = char_model()
+    fresh = text_model()
     load_adapter(fresh, tmp_path / "iti")
     torch.testing.assert_close(logits(fresh, ids), edited, rtol=0, atol=1e-10)

@@ -8,7 +8,8 @@ from lofit_fast.data import SFTExample
 from lofit_fast.methods import rep_tuning as rt
 from lofit_fast.methods.activations import residual_activations
 from lofit_fast.patch import patched_modules
-from test_steer import char_model, char_tokenizer
+from fixtures.tiny import byte_tokenizer
+from test_steer import text_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "honesty"
 SHARED = Path("/work/shared/data/honesty")
@@ -58,14 +59,14 @@ def unit(seed, size=48):
 
 @pytest.mark.parametrize("trainable", ["heads", "layers"])
 def test_tuning_in_aligns_and_tuning_out_decorrelates(trainable):
-    tok = char_tokenizer()
+    tok = byte_tokenizer()
     examples, _ = fact_examples()
     prompts = [e.prompt for e in examples]
     directions = {1: unit(0)}
     kw = dict(layers=[1], trainable=trainable, epochs=5, batch_size=4, lr=3e-2 if trainable == "heads" else 1e-2,
               progress=False)
 
-    model = char_model(dtype=torch.float32)
+    model = text_model(dtype=torch.float32)
     flags = [p.requires_grad for p in model.parameters()]
     before = rt.alignment(model, tok, prompts, directions)[1]
     out = rt.train(model, tok, examples, directions, w=1.0, mode="in", **kw)
@@ -80,17 +81,17 @@ def test_tuning_in_aligns_and_tuning_out_decorrelates(trainable):
         assert out["trainable_params"] == sum(p.numel() for p in model.model.layers[1].parameters())
         assert [p.requires_grad for p in model.parameters()] == flags
 
-    token_only = char_model(dtype=torch.float32)
+    token_only = text_model(dtype=torch.float32)
     rt.train(token_only, tok, examples, directions, w=0.0, **kw)
     assert rt.alignment(token_only, tok, prompts, directions)[1] < after_in - 0.1
 
 
 
 def test_tuning_out_removes_the_direction():
-    tok = char_tokenizer()
+    tok = byte_tokenizer()
     examples, _ = fact_examples()
     prompts = [e.prompt for e in examples]
-    model = char_model(dtype=torch.float32)
+    model = text_model(dtype=torch.float32)
     # the mean residual at the last prompt token: strongly aligned with every prompt's residual at the start
     mean = residual_activations(model, tok, prompts, layers=[1])[1].mean(0)
     directions = {1: mean / mean.norm()}
@@ -102,9 +103,9 @@ def test_tuning_out_removes_the_direction():
 
 
 def test_only_the_chosen_layers_change_when_training_layers():
-    tok = char_tokenizer()
+    tok = byte_tokenizer()
     examples, _ = fact_examples()
-    model = char_model(dtype=torch.float32)
+    model = text_model(dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rt.train(model, tok, examples, {2: unit(3)}, trainable="layers", epochs=1, batch_size=4, lr=1e-3, progress=False)
     after = model.state_dict()
@@ -113,9 +114,9 @@ def test_only_the_chosen_layers_change_when_training_layers():
 
 
 def test_train_checks_arguments():
-    tok = char_tokenizer()
+    tok = byte_tokenizer()
     examples, _ = fact_examples()
-    model = char_model(dtype=torch.float32)
+    model = text_model(dtype=torch.float32)
     with pytest.raises(ValueError, match="no direction for layers"):
         rt.train(model, tok, examples, {1: unit(0)}, layers=[2], progress=False)
     with pytest.raises(ValueError, match="mode"):
@@ -124,8 +125,8 @@ def test_train_checks_arguments():
 
 
 def test_ab_scores_by_hand():
-    tok = char_tokenizer()
-    model = char_model()
+    tok = byte_tokenizer()
+    model = text_model()
     items = [rt.ABItem("Q: yes? Answer:", "A"), rt.ABItem("Q: no? Answer:", "B")]
     scores = rt.ab_scores(model, tok, items)
     probs = []

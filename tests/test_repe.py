@@ -7,7 +7,8 @@ import torch
 from lofit_fast.methods import repe
 from lofit_fast.methods.activations import residual_activations
 from lofit_fast.steer import steer, unsteer
-from test_steer import char_model, char_tokenizer, logits
+from fixtures.tiny import byte_tokenizer
+from test_steer import text_model, logits
 
 FIXTURES = Path(__file__).parent / "fixtures" / "honesty"
 
@@ -21,7 +22,7 @@ def test_read_statements():
 
 
 def test_honesty_pairs_align_prefixes():
-    tok = char_tokenizer()
+    tok = byte_tokenizer()
     statements = ["Bees make honey.", "Snow is white."]
     pos, neg = repe.honesty_pairs(tok, statements, max_pairs=None, min_tail=5)
     # one pair per prefix of 1 .. len-6 characters (char tokenizer: one token per character)
@@ -56,8 +57,8 @@ def test_pca_direction_is_the_top_axis_of_the_differences():
 
 
 def test_residual_activations_match_hidden_states_and_padding():
-    model = char_model()
-    tok = char_tokenizer()
+    model = text_model()
+    tok = byte_tokenizer()
     texts = ["hi", "a longer text here", "mid size"]
     acts = residual_activations(model, tok, texts, layers=[0, 1], batch_size=3)
     for i, text in enumerate(texts):
@@ -69,8 +70,8 @@ def test_residual_activations_match_hidden_states_and_padding():
 
 
 def test_control_vector_on_a_model():
-    model = char_model()
-    tok = char_tokenizer()
+    model = text_model()
+    tok = byte_tokenizer()
     rows = repe.read_statements(FIXTURES / "facts_true_false.csv")
     pos, neg = repe.honesty_pairs(tok, [s for s, label in rows if label], max_pairs=12)
     vecs = repe.control_vector(model, tok, pos, neg, layers=[0, 2], batch_size=5)
@@ -96,8 +97,8 @@ def test_control_vector_on_a_model():
 
 
 def test_control_vector_checks_its_inputs():
-    model = char_model()
-    tok = char_tokenizer()
+    model = text_model()
+    tok = byte_tokenizer()
     with pytest.raises(ValueError, match="pair up"):
         repe.control_vector(model, tok, ["a", "b"], ["c"])
     with pytest.raises(ValueError, match="out of range"):
@@ -105,6 +106,6 @@ def test_control_vector_checks_its_inputs():
 
 
 def test_middle_layers():
-    assert repe.middle_layers(char_model()) == [1]
-    cfg_layers = repe.middle_layers(char_model(num_hidden_layers=30), fraction=1 / 3)
+    assert repe.middle_layers(text_model()) == [1]
+    cfg_layers = repe.middle_layers(text_model(num_hidden_layers=30), fraction=1 / 3)
     assert cfg_layers == list(range(10, 20))

@@ -17,32 +17,18 @@ from lofit_fast.steer import (
     steering_vectors,
     unsteer,
 )
+from fixtures.tiny import BOS, BYTE_VOCAB, EOS, PAD, byte_tokenizer
 from models import FAMILIES, random_ids, tiny_config
 
-VOCAB = 128  # room for the character tokenizer's 99 tokens
+VOCAB = BYTE_VOCAB  # the byte tokenizer's 259 tokens
 
 
-def char_tokenizer():
-    """A real (fast) HF tokenizer with one token per printable ASCII character, built in memory."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
-    for c in range(32, 127):
-        vocab[chr(c)] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def char_model(family: str = "llama", dtype=torch.float64, seed: int = 0, **overrides):
-    """A tiny random model of `family` whose vocabulary covers `char_tokenizer`."""
+def text_model(family: str = "llama", dtype=torch.float64, seed: int = 0, **overrides):
+    """A tiny random model of `family` whose vocabulary covers `byte_tokenizer`."""
     torch.manual_seed(seed)
     cfg = tiny_config(family)
     cfg.vocab_size = VOCAB
-    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = PAD, BOS, EOS
     for key, value in overrides.items():
         setattr(cfg, key, value)
     attn = "eager" if family == "gemma2" else "sdpa"
@@ -66,7 +52,7 @@ def random_vectors(layers, size=48, seed=0, dtype=torch.float64):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shift_is_coeff_times_vector_at_every_position(family):
-    model = char_model(family)
+    model = text_model(family)
     ids = random_ids(2, 6) + 4
     vecs = random_vectors([1])
     with record_residual(model, [1]) as rec:
@@ -80,7 +66,7 @@ def test_shift_is_coeff_times_vector_at_every_position(family):
 
 
 def test_coefficient_disable_and_unsteer():
-    model = char_model()
+    model = text_model()
     ids = random_ids(2, 7) + 4
     base = logits(model, ids)
     steer(model, random_vectors([0, 2]), coeff=2.0)
@@ -115,7 +101,7 @@ def test_coefficient_disable_and_unsteer():
     ],
 )
 def test_bad_input_leaves_model_unchanged(vectors, coeff, error):
-    model = char_model()
+    model = text_model()
     ids = random_ids(1, 5) + 4
     base = logits(model, ids)
     with pytest.raises((ValueError, TypeError), match=error):
@@ -126,7 +112,7 @@ def test_bad_input_leaves_model_unchanged(vectors, coeff, error):
 
 
 def test_steer_twice_is_refused():
-    model = char_model()
+    model = text_model()
     steer(model, random_vectors([1]))
     with pytest.raises(RuntimeError, match="already steered"):
         steer(model, random_vectors([0]))
@@ -135,7 +121,7 @@ def test_steer_twice_is_refused():
 
 @pytest.mark.parametrize("mlp_bias", [False, True])
 def test_merge_equals_steering_for_llama(mlp_bias):
-    model = char_model("llama", mlp_bias=mlp_bias)
+    model = text_model("llama", mlp_bias=mlp_bias)
     if mlp_bias:
         for layer in model.model.layers:
             nn.init.normal_(layer.mlp.down_proj.bias, std=0.1)
@@ -151,7 +137,7 @@ def test_merge_equals_steering_for_llama(mlp_bias):
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_merge_refused_where_a_norm_follows_the_mlp(family):
-    model = char_model(family)
+    model = text_model(family)
     ids = random_ids(1, 5) + 4
     steer(model, random_vectors([1]))
     steered = logits(model, ids)
@@ -163,7 +149,7 @@ def test_merge_refused_where_a_norm_follows_the_mlp(family):
 
 
 def test_merge_refused_while_disabled():
-    model = char_model()
+    model = text_model()
     steer(model, random_vectors([1]))
     with steering_disabled(model), pytest.raises(RuntimeError, match="disabled"):
         merge_steering(model)
@@ -193,8 +179,8 @@ def greedy(model, tok, prompts, new_tokens=6):
 
 
 def test_batched_generation_equals_per_sequence_generation():
-    model = char_model()
-    tok = char_tokenizer()
+    model = text_model()
+    tok = byte_tokenizer()
     prompts = ["The sky is", "Q: 2+2? A:", "hello"]
     unsteered = greedy(model, tok, prompts)
     steer(model, random_vectors([1], seed=3), coeff=3.0)

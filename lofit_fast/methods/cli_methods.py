@@ -25,7 +25,7 @@ METHODS = ("base", "iti", "repe", "lofit", "lora", "red", "rep_tuning")
 # Learning rates per method when none is given (LoFiT's are the official 7B values; LoRA / RED the usual
 # ranges for models of this size).
 DEFAULT_LR = {"lofit": 1e-2, "lora": 5e-4, "red": 5e-3, "rep_tuning": 5e-3}
-REPE_COEFF_GRID = (0.5, 1.0, 2.0, 4.0)
+REPE_COEFF_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
