@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "runs" / "methods"))
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=METHOD:key=value,...",
+                   help="an extra row: a method with other options, e.g. 'lofit lr 5e-2=lofit:lr=0.05'")
     p.add_argument("--max-train", type=int, default=None, help="training examples per task (default: all; CLUTRR 300)")
     p.add_argument("--max-eval", type=int, default=None, help="evaluation examples per task (default: all)")
     p.add_argument("--epochs", type=int, default=5)
@@ -85,21 +87,44 @@ def task_items(args, task):
     return train, evaluation, eval_split
 
 
+def parse_extra(text: str):
+    """`NAME=METHOD:key=value,key=value` → (NAME, METHOD, {key: value}) (numbers parsed)."""
+    try:
+        name, rest = text.split("=", 1)
+        method, _, options = rest.partition(":")
+        kw = {}
+        for item in filter(None, options.split(",")):
+            key, value = item.split("=", 1)
+            try:
+                kw[key] = float(value) if any(c in value for c in ".e") else int(value)
+            except ValueError:
+                kw[key] = value
+    except ValueError:
+        raise SystemExit(f"--extra must look like 'NAME=METHOD:key=value,...', got {text!r}") from None
+    if method not in METHODS:
+        raise SystemExit(f"--extra {text!r}: unknown method {method!r}")
+    return name.strip(), method, kw
+
+
 def run_tasks(args, model, tok, results, path):
     coeff = args.repe_coeff if args.repe_coeff == "auto" else float(args.repe_coeff)
+    rows = [(m, m, {}) for m in args.methods] + [parse_extra(e) for e in args.extra]
     for task in args.tasks:
         train, evaluation, split = task_items(args, task)
-        for method in args.methods:
-            key = f"{task}/{method}"
+        for name, method, extra in rows:
+            key = f"{task}/{name}"
             if key in results["rows"]:
                 print(f"[skip] {key} (already in {path})", flush=True)
                 continue
             print(f"[run] {key}: {len(train)} train, {len(evaluation)} {split} ...", flush=True)
             torch.manual_seed(args.seed)
-            row = run_method(method, model, tok, task, train, evaluation, epochs=args.epochs,
-                             batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                             coeff=coeff, honesty_dir=args.honesty_dir, progress=False)
+            kw = dict(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                      seed=args.seed, coeff=coeff, honesty_dir=args.honesty_dir, progress=False)
+            kw.update(extra)
+            row = run_method(method, model, tok, task, train, evaluation, **kw)
             row["split"] = split
+            row["name"] = name
+            row["options"] = extra
             results["rows"][key] = row
             save(path, results)
             print(f"      {row['metrics']}  trainable {row['trainable_params']}  fit {row['seconds']:.0f}s  "
@@ -194,9 +219,12 @@ def fmt_params(row) -> str:
 def markdown(results: dict, command: str) -> str:
     rows = results["rows"]
     meta = results.get("meta", {})
+    commands = meta.get("commands", [command])
     lines = [f"Model: {meta.get('model', '?')} ({meta.get('dtype', 'float32')}, {meta.get('device', 'cpu')}). "
-             f"Command: `{command}`", ""]
-    methods = [m for m in METHODS if any(k.endswith("/" + m) for k in rows)]
+             "Commands (in order; a re-run skips rows already done): "
+             + "; ".join(f"`{c}`" for c in commands), ""]
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in rows))
+    methods = [m for m in METHODS if m in names] + [n for n in names if n not in METHODS]
     if methods:
         lines += ["| method | TruthfulQA MC1 | TruthfulQA MC2 | CLUTRR acc | MQuAKE acc | trainable params | "
                   "fit time (s) |", "|---|---|---|---|---|---|---|"]
@@ -247,9 +275,12 @@ def main(argv=None) -> int:
     results = load_results(path, args.fresh)
     command = "python bench/methods_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model, tok = load_model(args.model)
+    commands = results.get("meta", {}).get("commands", [])
+    if results.get("meta", {}).get("command") and not commands:
+        commands = [results["meta"]["command"]]
     results["meta"] = {"model": args.model, "dtype": "float32", "device": "cpu", "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                       "command": command}
+                       "commands": commands + [command]}
     start = time.perf_counter()
     run_tasks(args, model, tok, results, path)
     if not args.no_honesty:

@@ -1,13 +1,19 @@
-"""LoRA (peft) and RED as comparators: identity at init, training through lofit_fast.train, merge, undo."""
+"""LoRA (peft) and RED as comparators: identity at init, training through lofit_fast.train, merge, undo; and
+run_method, which runs every method the same way and hands the model back unchanged."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from lofit_fast.data import SFTExample
+from lofit_fast.data import GenItem, MCItem, SFTExample
 from lofit_fast.methods import comparators as cmp
+from lofit_fast.methods.cli_methods import METHODS, run_method
+from lofit_fast.patch import patched_modules
+from lofit_fast.steer import steered_layers
 from lofit_fast.train import train
 from models import random_ids
 from fixtures.tiny import byte_tokenizer
-from test_steer import text_model, logits
+from test_steer import logits, text_model
 
 EXAMPLES = [SFTExample("Q: sky? A:", " blue"), SFTExample("Q: grass? A:", " green"), SFTExample("Q: 1+1? A:", " 2")]
 
@@ -103,12 +109,6 @@ def test_lora_unload_restores_the_base_model():
 
 
 # ------------------------------------------------------------------------------------ run_method, all methods
-from pathlib import Path  # noqa: E402
-
-from lofit_fast.data import GenItem, MCItem  # noqa: E402
-from lofit_fast.methods.cli_methods import METHODS, run_method  # noqa: E402
-from lofit_fast.patch import patched_modules  # noqa: E402
-from lofit_fast.steer import steered_layers  # noqa: E402
 
 TQA = [
     MCItem(question=q, prompt=f"Q: {q} A:", best=c[0], correct=c, incorrect=w)

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lofit_fast.data import SFTExample
 from lofit_fast.methods import rep_tuning as rt
 from lofit_fast.methods.activations import residual_activations
 from lofit_fast.patch import patched_modules
