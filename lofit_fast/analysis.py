@@ -1,9 +1,11 @@
 """Pictures of a head selection: a layers x heads heat map of the LoFiT scores with the top K marked."""
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from typing import Optional, Union
+
+from ._files import atomic_write
 
 
 def plot_head_scores(
@@ -49,16 +51,6 @@ def plot_head_scores(
     ax.set_title(title)
     fig.tight_layout()
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".heatmap-", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write(path, buffer.getvalue())

@@ -16,9 +16,10 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
+
+from ._files import atomic_write
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_SEED = 42  # the official LoFiT scripts' seed
@@ -182,19 +183,7 @@ def _dumps(payload: dict) -> str:
 
 
 def _write_json(path: str, payload: dict) -> str:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(payload))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, _dumps(payload))
 
 
 def _evaluate(args, model, tokenizer, items, label: str) -> Dict[str, float]:

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from ._switch import switched_off
 from .patch.families import find_attention_sites
 
 _ATTR = "lofit_steering"
@@ -170,15 +171,8 @@ def unsteer(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def steering_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run with steering off inside the block (a no-op for an unsteered model); restores the state after."""
-    mods = list(_modules(model).values())
-    before = [sv.enabled for sv in mods]
-    for sv in mods:
-        sv.enabled = False
-    try:
+    with switched_off(_modules(model).values()):
         yield model
-    finally:
-        for sv, state in zip(mods, before):
-            sv.enabled = state
 
 
 def _down_proj(layer_module: nn.Module, idx: int) -> nn.Linear:

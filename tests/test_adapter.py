@@ -20,7 +20,7 @@ from lofit_fast.adapter import (
     save_adapter,
     unload,
 )
-from lofit_fast.adapter import files as adapter_files
+from lofit_fast import _files as file_writes
 from lofit_fast.patch import HeadInterventionLinear
 
 from models import random_ids, tiny_config, tiny_model
@@ -339,7 +339,7 @@ def test_failure_midway_through_writing_leaves_previous_adapter(saved, monkeypat
             raise OSError("I/O error")
         real_fsync(fd)
 
-    monkeypatch.setattr(adapter_files.os, "fsync", fsync_failing_second)
+    monkeypatch.setattr(file_writes.os, "fsync", fsync_failing_second)
     with pytest.raises(OSError, match="I/O error"):
         save_adapter(model, directory)
     assert len(calls) == 2

@@ -1,37 +1,11 @@
-"""Small file helpers: atomic writes and JSON that names what cannot be serialized."""
+"""JSON that names what cannot be serialized (atomic writes live in lofit_fast._files)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
-
-
-def atomic_write_files(contents: Dict[Path, bytes]) -> None:
-    """Write every file to a temporary file in its own directory, then `os.replace` each into place.
-
-    If anything fails before the replaces, every target keeps its previous content and no temporary file is
-    left behind. The replaces themselves run last, one file after the other.
-    """
-    temps: Dict[Path, str] = {}
-    try:
-        for target, data in contents.items():
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            temps[target] = tmp
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
 
 
 def _json_default(obj: Any) -> Any:

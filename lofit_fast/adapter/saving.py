@@ -12,7 +12,8 @@ import torch.nn as nn
 from .._version import __version__
 from ..hooks import hooked_modules
 from ..patch import find_attention_sites, patched_modules
-from .files import atomic_write_files, to_json_bytes
+from .._files import atomic_write_files
+from .files import to_json_bytes
 from .schema import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME, dtype_name, model_description, tensor_key
 
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from .._files import atomic_write
 from ..patch import (
     find_attention_sites,
     freeze_base,
@@ -134,21 +134,8 @@ class HeadSelection:
         return cls(scores, k=data.get("k"), meta=dict(data.get("meta") or {}))
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        """Write JSON atomically (a temporary file in the same folder, then os.replace)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".selection-", suffix=".json.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write JSON atomically (a failed save leaves the previous file intact)."""
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "HeadSelection":

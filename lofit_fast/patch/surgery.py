@@ -8,6 +8,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 import torch.nn as nn
 
+from .._switch import switched_off
 from ..ops import check_backend_name
 from .families import AttentionSite, find_attention_sites
 from .module import HeadInterventionLinear
@@ -166,15 +167,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the model with every intervention off (e.g. the DPO reference), restoring the state afterwards."""
-    mods = list(patched_modules(model).values())
-    before = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
-    try:
+    with switched_off(patched_modules(model).values()):
         yield model
-    finally:
-        for m, state in zip(mods, before):
-            m.enabled = state
 
 
 def intervention_parameters(model: nn.Module) -> Iterable[Tuple[str, nn.Parameter]]:
