@@ -11,8 +11,6 @@ function; it can reuse `add_model_arguments`, `add_data_arguments`, `add_trainin
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -413,6 +411,17 @@ def _previous_selection(path: str, args, model, train_examples: int):
     return selection if same else None
 
 
+def _given_selection(path: str, model):
+    """A selection.json from another run (e.g. another task: cross-task head sets), checked against the model."""
+    from .methods import HeadSelection
+
+    if not os.path.isfile(path):
+        raise UserError(f"selection file not found: {path}")
+    selection = HeadSelection.load(path)
+    selection.check_model(model)
+    return selection
+
+
 RESULT_KEYS = ("task", "model", "k", "heads", "trainable_params", "seconds", "base", "lofit", "random")
 
 
@@ -464,8 +473,15 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
         seconds["eval_base"] = round(time.perf_counter() - t, 1)
     checkpoint(base=base)
 
-    selection = _previous_selection(selection_path, args, model, len(train_items)) if resume else None
-    if selection is not None:
+    given = getattr(args, "selection", None)
+    selection = _previous_selection(selection_path, args, model, len(train_items)) if resume and not given else None
+    if given:
+        selection = _given_selection(given, model)
+        source = selection.meta.get("task", "?")
+        _log(args, f"head selection from {given} (selected on {source}); step 1 skipped")
+        info["selection_from"] = {"path": os.path.abspath(given), "task": source}
+        selection.k = k
+    elif selection is not None:
         _log(args, f"resuming: head selection from {selection_path}")
         seconds["select"] = selection.meta.get("seconds", 0.0)
         selection.k = k
@@ -476,9 +492,9 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
         selection.meta["model"] = args.model
         seconds["select"] = round(time.perf_counter() - t, 1)
         selection.save(selection_path)
+        info["train_loss"]["select"] = selection.meta.get("final_loss")
     heads = selection.top(k)
     plot_head_scores(selection, os.path.join(out, "heads.png"))
-    info["train_loss"]["select"] = selection.meta.get("final_loss")
     checkpoint(heads=[[layer, head] for layer, head in heads])
 
     adapter_dir = os.path.join(out, "adapter")
@@ -502,17 +518,24 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
         unpatch(model)
     checkpoint(trainable_params=trainable, lofit=lofit)
 
-    t = time.perf_counter()
     rand_heads = random_heads(model, k, seed=args.seed)
-    _log(args, f"baseline: tuning v on {k} random heads {rand_heads} ...")
-    model, random_record = _tune(args, model, tokenizer, train_items, rand_heads, "random heads: tune v")
-    seconds["tune_random"] = round(time.perf_counter() - t, 1)
-    info["train_loss"]["random"] = random_record["epoch_loss"]
     info["random_heads"] = [[layer, head] for layer, head in rand_heads]
-    t = time.perf_counter()
-    rand = _evaluate(args, model, tokenizer, eval_items, "random heads")
-    seconds["eval_random"] = round(time.perf_counter() - t, 1)
-    unpatch(model)
+    if "random" in previous and previous.get("random_heads") == info["random_heads"]:
+        _log(args, f"resuming: random-heads metrics from {results_path}")
+        rand = previous["random"]
+        for stage in ("tune_random", "eval_random"):
+            seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
+        info["train_loss"]["random"] = previous.get("train_loss", {}).get("random")
+    else:
+        t = time.perf_counter()
+        _log(args, f"baseline: tuning v on {k} random heads {rand_heads} ...")
+        model, random_record = _tune(args, model, tokenizer, train_items, rand_heads, "random heads: tune v")
+        seconds["tune_random"] = round(time.perf_counter() - t, 1)
+        info["train_loss"]["random"] = random_record["epoch_loss"]
+        t = time.perf_counter()
+        rand = _evaluate(args, model, tokenizer, eval_items, "random heads")
+        seconds["eval_random"] = round(time.perf_counter() - t, 1)
+        unpatch(model)
     checkpoint(random=rand)
     merged = {**results, **info}
     return {**{key: merged[key] for key in RESULT_KEYS}, **merged}
@@ -523,9 +546,13 @@ def _print_results(results: dict, out: str) -> None:
     print(f"\n{results['task']} ({results['eval_split']}, {results['eval_examples']} examples), model "
           f"{results['model']}, K = {k} heads, {results['trainable_params']} trainable parameters, "
           f"{results['seconds']:.0f} s")
-    print(_table({"base": results["base"], f"lofit (top {k})": results["lofit"],
+    source = results.get("selection_from", {}).get("task")
+    label = f"lofit (top {k}" + (f", heads from {source})" if source else ")")
+    print(_table({"base": results["base"], label: results["lofit"],
                   f"random {k} heads": results["random"]}))
-    print(f"\noutputs in {out}: results.json, selection.json, heads.png (heat map), adapter/")
+    names = {"results.json": "results.json", "selection.json": "selection.json", "heads.png": "heads.png (heat map)",
+             "adapter": "adapter/"}
+    print(f"\noutputs in {out}: " + ", ".join(v for k, v in names.items() if os.path.exists(os.path.join(out, k))))
 
 
 def cmd_run(args) -> int:
@@ -625,7 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_arguments(p)
     p.add_argument("--out", help="output folder (default runs/TASK)")
     p.add_argument("--resume", action="store_true",
-                   help="reuse the base metrics and head selection an interrupted run with the same settings left in --out")
+                   help="reuse every stage (base metrics, head selection, LoFiT, random heads) that an earlier run "
+                        "with the same settings and data finished in --out")
+    p.add_argument("--selection", help="skip step 1 and tune the top --k heads of this selection.json, e.g. one "
+                                       "selected on another task (cross-task head sets)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a short LoFiT run on TruthfulQA (built-in examples unless --data)")
@@ -643,8 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
-    if importlib.util.find_spec("lofit_fast.methods.cli_methods") is not None:
-        importlib.import_module("lofit_fast.methods.cli_methods").register(sub)
+    from .methods.cli_methods import register
+
+    register(sub)
     return parser
 
 

@@ -162,10 +162,31 @@ def test_run_resume_reuses_finished_stages_with_the_same_settings(model_dir, tmp
     capsys.readouterr()
     assert run_cli(*common, "--resume") == 0
     log = capsys.readouterr().err
-    for stage in ("base model metrics", "head selection", "LoFiT metrics"):
+    for stage in ("base model metrics", "head selection", "LoFiT metrics", "random-heads metrics"):
         assert f"resuming: {stage}" in log
     again = json.loads((out / "results.json").read_text())
     for key in ("base", "heads", "lofit", "trainable_params", "random"):
         assert again[key] == first[key]
     assert run_cli(*common, "--resume", "--l1", "0.01") == 0  # other settings: nothing is reused
     assert "resuming" not in capsys.readouterr().err
+
+
+def test_run_with_a_selection_from_another_task_skips_step_1(model_dir, tmp_path, capsys):
+    source = tmp_path / "tqa"
+    assert run_cli("select", "--model", model_dir, "--task", "truthfulqa", "--data", FIXTURES, "--out", source,
+                   *FAST) == 0
+    ranked = json.loads((source / "selection.json").read_text())["ranked"]
+    capsys.readouterr()
+    out = tmp_path / "cross"
+    assert run_cli("run", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, "--k", 2, "--out", out,
+                   "--selection", source / "selection.json", *FAST) == 0
+    captured = capsys.readouterr()
+    assert "heads from truthfulqa" in captured.out and "selection.json" not in captured.out
+    results = json.loads((out / "results.json").read_text())
+    assert results["heads"] == [[l, h] for l, h, _ in ranked[:2]]
+    assert results["selection_from"]["task"] == "truthfulqa" and "select" not in results["seconds_by_stage"]
+    assert set(results["lofit"]) == {"accuracy"}
+    assert not (out / "selection.json").exists()
+    assert run_cli("run", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, "--out", out,
+                   "--selection", tmp_path / "nope.json", *FAST) == 1
+    assert "selection file not found" in capsys.readouterr().err
