@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lofit_fast._files import atomic_write  # noqa: E402
 from lofit_fast.methods.cli_methods import METHODS, run_method  # noqa: E402
 
 TASKS = ("truthfulqa", "clutrr", "mquake")
@@ -69,10 +70,7 @@ def load_results(path: Path, fresh: bool) -> dict:
 
 
 def save(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(results, indent=2) + "\n")
 
 
 def task_items(args, task):

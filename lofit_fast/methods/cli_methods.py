@@ -488,8 +488,6 @@ def register(subparsers) -> None:
 
 
 def write_json(path: str, payload) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    return path
+    from .._files import atomic_write
+
+    return atomic_write(path, json.dumps(payload, indent=2) + "\n")

@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._files import atomic_write
+
 GPU_BACKENDS = ("cuda", "triton")
 PICKED = 3.0
 RUNNER_UP = 2.0
@@ -227,9 +229,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--reps", type=int, default=50)
     args = p.parse_args(argv)
     table = measure(getattr(torch, args.dtype), args.reps)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(table, f, indent=1)
+    atomic_write(args.out, json.dumps(table, indent=1))
     print(f"wrote {len(table['rows'])} rows to {args.out}")
 
 
