@@ -99,8 +99,10 @@ def add_training_arguments(p: argparse.ArgumentParser, *, select: bool = True, t
     g.add_argument("--epochs", type=_positive_int, default=5, help="epochs for each step (default 5)")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size (default 8)")
     if select:
-        g.add_argument("--select-lr", type=_positive_float, default=5e-3, help="step 1 learning rate (default 5e-3)")
-        g.add_argument("--l1", type=_nonnegative_float, default=5e-4, help="step 1 L1 weight λ (default 5e-4)")
+        g.add_argument("--select-lr", type=_positive_float, default=None,
+                       help="step 1 learning rate (default per task: 5e-3 TruthfulQA and MQuAKE, 5e-4 CLUTRR)")
+        g.add_argument("--l1", type=_nonnegative_float, default=None,
+                       help="step 1 L1 weight λ (default per task: 5e-4 TruthfulQA, 1e-3 MQuAKE, 5e-3 CLUTRR)")
     if tune:
         g.add_argument("--lr", type=_positive_float, default=1e-2, help="step 2 learning rate (default 1e-2)")
     g.add_argument("--k", type=_positive_int, default=None, help="number of heads to tune (default ≈3%% of heads)")
@@ -386,8 +388,11 @@ def _previous_results(path: str, info: dict) -> dict:
             previous = json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
-    same = all(previous.get(key) == info[key] for key in ("train_examples", "eval_examples", "eval_split",
-                                                          "hyperparameters"))
+    def later_stages(hyper):  # step 1's settings are checked with the selection itself
+        return {k: v for k, v in (hyper or {}).items() if k not in ("select_lr", "l1")}
+
+    same = all(previous.get(key) == info[key] for key in ("train_examples", "eval_examples", "eval_split"))
+    same = same and later_stages(previous.get("hyperparameters")) == later_stages(info["hyperparameters"])
     return previous if same and isinstance(previous.get("seconds_by_stage"), dict) else {}
 
 
@@ -679,9 +684,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fill_task_defaults(args) -> None:
+    """Step 1's lr and λ left unset take the official values for the task (the demo runs TruthfulQA)."""
+    from .methods.lofit import select_defaults
+
+    official = select_defaults(getattr(args, "task", None) or "truthfulqa")
+    if getattr(args, "select_lr", False) is None:
+        args.select_lr = official["lr"]
+    if getattr(args, "l1", False) is None:
+        args.l1 = official["l1"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _fill_task_defaults(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -167,8 +167,25 @@ def test_run_resume_reuses_finished_stages_with_the_same_settings(model_dir, tmp
     again = json.loads((out / "results.json").read_text())
     for key in ("base", "heads", "lofit", "trainable_params", "random"):
         assert again[key] == first[key]
-    assert run_cli(*common, "--resume", "--l1", "0.01") == 0  # other settings: nothing is reused
+    assert run_cli(*common, "--resume", "--l1", "0.01") == 0  # another step 1: a new selection, same base
+    log = capsys.readouterr().err
+    assert "resuming: base model metrics" in log and "resuming: head selection" not in log
+    assert run_cli(*common, "--resume", "--lr", "0.05") == 0  # another step 2: nothing is reused
     assert "resuming" not in capsys.readouterr().err
+
+
+def test_step1_defaults_follow_the_official_scripts_per_task(model_dir, tmp_path):
+    for task, (lr, l1) in {"truthfulqa": (5e-3, 5e-4), "mquake": (5e-3, 1e-3), "clutrr": (5e-4, 5e-3)}.items():
+        out = tmp_path / task
+        assert run_cli("select", "--model", model_dir, "--task", task, "--data", FIXTURES, "--out", out,
+                       "--max-train", 2, *FAST) == 0
+        meta = json.loads((out / "selection.json").read_text())["meta"]
+        assert (meta["lr"], meta["l1"]) == (lr, l1)
+    out = tmp_path / "explicit"
+    assert run_cli("select", "--model", model_dir, "--task", "clutrr", "--data", FIXTURES, "--out", out,
+                   "--max-train", 2, "--l1", "0.02", "--select-lr", "0.03", *FAST) == 0
+    meta = json.loads((out / "selection.json").read_text())["meta"]
+    assert (meta["lr"], meta["l1"]) == (0.03, 0.02)
 
 
 def test_run_with_a_selection_from_another_task_skips_step_1(model_dir, tmp_path, capsys):

@@ -153,7 +153,7 @@ def _repe(model, tokenizer, task, train_items, eval_items, kw):
 
 def _lofit(model, tokenizer, task, train_items, eval_items, kw):
     from ..patch import trainable_parameters, unpatch
-    from .lofit import select_heads, tune
+    from .lofit import select_defaults, select_heads, tune
 
     t = time.perf_counter()
     common = dict(epochs=kw.get("epochs", 5), batch_size=kw.get("batch_size", 8), seed=kw.get("seed", 0),
@@ -161,8 +161,9 @@ def _lofit(model, tokenizer, task, train_items, eval_items, kw):
                   progress=kw.get("progress", False), init_std=kw.get("init_std", 1e-3))
     if _kind(task) == "dpo":
         common["beta"] = kw.get("beta", 0.5)
-    selection = select_heads(model, tokenizer, train_items, task=task, k=kw.get("k"), l1=kw.get("l1", 5e-4),
-                             lr=kw.get("select_lr", 5e-3), **common)
+    official = select_defaults(task)
+    selection = select_heads(model, tokenizer, train_items, task=task, k=kw.get("k"), l1=kw.get("l1", official["l1"]),
+                             lr=kw.get("select_lr", official["lr"]), **common)
     heads = selection.top()
     tune(model, tokenizer, train_items, heads, task=task, lr=kw.get("lr") or DEFAULT_LR["lofit"], **common)
     seconds = time.perf_counter() - t

@@ -240,6 +240,21 @@ class _FrozenBase:
         return False
 
 
+# Step 1 (lr, λ) of the official Llama-2-7B scripts (fc2869/lo-fit, train_script_<task>.sh); step 2 uses
+# lr 1e-2 on every task. `select_heads` keeps the TruthfulQA values as its own defaults; the CLI and
+# `run_method` take the task's.
+OFFICIAL_SELECT_DEFAULTS = {
+    "truthfulqa": {"lr": 5e-3, "l1": 5e-4},
+    "mquake": {"lr": 5e-3, "l1": 1e-3},
+    "clutrr": {"lr": 5e-4, "l1": 5e-3},
+}
+
+
+def select_defaults(task: str) -> Dict[str, float]:
+    """Step 1 learning rate and L1 weight of the official scripts for `task` (TruthfulQA's for other tasks)."""
+    return dict(OFFICIAL_SELECT_DEFAULTS.get(task, OFFICIAL_SELECT_DEFAULTS["truthfulqa"]))
+
+
 def select_heads(
     model: nn.Module,
     tokenizer,
