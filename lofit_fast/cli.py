@@ -104,7 +104,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, select: bool = True, t
         g.add_argument("--l1", type=_nonnegative_float, default=None,
                        help="step 1 L1 weight λ (default per task: 5e-4 TruthfulQA, 1e-3 MQuAKE, 5e-3 CLUTRR)")
     if tune:
-        g.add_argument("--lr", type=_positive_float, default=1e-2, help="step 2 learning rate (default 1e-2)")
+        g.add_argument("--lr", type=_positive_float, default=None,
+                       help="step 2 learning rate (default 1e-2; with run --method: that method's default)")
     g.add_argument("--k", type=_positive_int, default=None, help="number of heads to tune (default ≈3%% of heads)")
     g.add_argument("--init-std", type=_nonnegative_float, default=1e-3, help="A / v init std (default 1e-3)")
     g.add_argument("--beta", type=_positive_float, default=0.5, help="DPO β for TruthfulQA (default 0.5)")
@@ -560,11 +561,49 @@ def _print_results(results: dict, out: str) -> None:
     print(f"\noutputs in {out}: " + ", ".join(v for k, v in names.items() if os.path.exists(os.path.join(out, k))))
 
 
+RUN_METHODS = ("lofit", "iti", "repe", "lora", "red")
+
+
+def run_method_experiment(args, train_items, eval_items) -> dict:
+    """Base and one relative of LoFiT (ITI, RepE, LoRA or RED) on one task, through the same data, training
+    loop and evaluation; writes results.json ({"base": ..., METHOD: ...}) to args.out and returns it."""
+    from .methods.cli_methods import run_method
+
+    start = time.perf_counter()
+    model, tokenizer = load_model_from_args(args)
+    t = time.perf_counter()
+    base = _evaluate(args, model, tokenizer, eval_items, "the base model")
+    eval_base = round(time.perf_counter() - t, 1)
+    _log(args, f"{args.method}: fitting on {len(train_items)} {args.task} examples ...")
+    kw = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "beta", "max_grad_norm",
+                                              "max_length", "eval_batch_size", "k", "init_std")}
+    row = run_method(args.method, model, tokenizer, args.task, train_items, eval_items, progress=not args.quiet,
+                     out=os.path.join(args.out, "artifacts"), **kw)
+    results = {
+        "task": args.task, "model": args.model, "method": args.method, "trainable_params": row["trainable_params"],
+        "fitted_params": row["fitted_params"], "seconds": round(time.perf_counter() - start, 1),
+        "base": base, args.method: row["metrics"], "train_examples": len(train_items),
+        "eval_examples": len(eval_items), "eval_split": _splits(args.task)[1],
+        "device": str(next(model.parameters()).device), "hyperparameters": {**_hyperparameters(args), "k": args.k},
+        "seconds_by_stage": {"eval_base": eval_base, "fit": row["seconds"], "eval": row["eval_seconds"]},
+        "info": row["info"],
+    }
+    _write_json(os.path.join(args.out, "results.json"), results)
+    return results
+
+
 def cmd_run(args) -> int:
     if args.out is None:
-        args.out = os.path.join("runs", args.task)
+        args.out = os.path.join("runs", args.task if args.method == "lofit" else f"{args.task}_{args.method}")
     train_items = load_items(args, "train")
     eval_items = load_items(args, "eval")
+    if args.method != "lofit":
+        results = run_method_experiment(args, train_items, eval_items)
+        print(f"\n{args.task} ({results['eval_split']}, {results['eval_examples']} examples), model {args.model}, "
+              f"{args.method}: {results['trainable_params']:,} trainable parameters, {results['seconds']:.0f} s")
+        print(_table({"base": results["base"], args.method: results[args.method]}))
+        print(f"\nresults in {os.path.join(args.out, 'results.json')}")
+        return 0
     results = run_experiment(args, train_items, eval_items)
     _print_results(results, args.out)
     return 0
@@ -659,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="reuse every stage (base metrics, head selection, LoFiT, random heads) that an earlier run "
                         "with the same settings and data finished in --out")
+    p.add_argument("--method", choices=RUN_METHODS, default="lofit",
+                   help="lofit (default: base, LoFiT and random heads) or a relative to compare: base and the method")
     p.add_argument("--selection", help="skip step 1 and tune the top --k heads of this selection.json, e.g. one "
                                        "selected on another task (cross-task head sets)")
     p.set_defaults(func=cmd_run)
@@ -685,9 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fill_task_defaults(args) -> None:
-    """Step 1's lr and λ left unset take the official values for the task (the demo runs TruthfulQA)."""
+    """Learning rates and λ left unset: step 2's (or the compared method's) default, and step 1's official
+    values for the task (the demo runs TruthfulQA)."""
     from .methods.lofit import select_defaults
 
+    from .methods.cli_methods import DEFAULT_LR
+
+    if getattr(args, "lr", False) is None:
+        args.lr = DEFAULT_LR.get(getattr(args, "method", "lofit"), DEFAULT_LR["lofit"])
     official = select_defaults(getattr(args, "task", None) or "truthfulqa")
     if getattr(args, "select_lr", False) is None:
         args.select_lr = official["lr"]

@@ -207,3 +207,16 @@ def test_run_with_a_selection_from_another_task_skips_step_1(model_dir, tmp_path
     assert run_cli("run", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, "--out", out,
                    "--selection", tmp_path / "nope.json", *FAST) == 1
     assert "selection file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,task,metrics", [("red", "mquake", {"accuracy"}), ("iti", "truthfulqa", {"mc1", "mc2"})])
+def test_run_method_compares_a_relative_with_the_base_model(model_dir, tmp_path, capsys, method, task, metrics):
+    out = tmp_path / method
+    assert run_cli("run", "--method", method, "--model", model_dir, "--task", task, "--data", FIXTURES,
+                   "--out", out, "--k", 2, *FAST) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method and results["task"] == task
+    assert set(results["base"]) == metrics and set(results[method]) == metrics
+    assert (results["trainable_params"] > 0) == (method == "red")
+    assert results["hyperparameters"]["lr"] == (5e-3 if method == "red" else 1e-2)
+    assert method in capsys.readouterr().out
