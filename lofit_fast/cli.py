@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._files import atomic_write
 
@@ -503,45 +503,39 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
     plot_head_scores(selection, os.path.join(out, "heads.png"))
     checkpoint(heads=[[layer, head] for layer, head in heads])
 
+    def step2(name: str, heads, reuse: bool, announce: str, label: str, stages) -> Tuple[Dict[str, float], int]:
+        """Step 2 on `heads` and its evaluation, or the earlier run's numbers when `reuse`."""
+        if reuse:
+            _log(args, f"resuming: {label} metrics from {results_path}")
+            for stage in stages:
+                seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
+            info["train_loss"][name] = previous.get("train_loss", {}).get(name)
+            return previous[name], previous["trainable_params"]
+        t = time.perf_counter()
+        _log(args, announce)
+        tuned, record = _tune(args, model, tokenizer, train_items, heads, f"{label}: tune v")
+        seconds[stages[0]] = round(time.perf_counter() - t, 1)
+        info["train_loss"][name] = record["epoch_loss"]
+        if name == "lofit":
+            save_adapter(tuned, adapter_dir, selection=selection, method="lofit", hyperparameters=hyper)
+        t = time.perf_counter()
+        metrics = _evaluate(args, tuned, tokenizer, eval_items, label)
+        seconds[stages[1]] = round(time.perf_counter() - t, 1)
+        trainable = _trainable(tuned)
+        unpatch(tuned)
+        return metrics, trainable
+
     adapter_dir = os.path.join(out, "adapter")
-    if "lofit" in previous and previous.get("heads") == results["heads"] and os.path.isdir(adapter_dir):
-        _log(args, f"resuming: LoFiT metrics from {results_path}")
-        trainable, lofit = previous["trainable_params"], previous["lofit"]
-        for stage in ("tune", "eval_lofit"):
-            seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
-        info["train_loss"]["lofit"] = previous.get("train_loss", {}).get("lofit")
-    else:
-        t = time.perf_counter()
-        _log(args, f"LoFiT step 2: tuning v on the top {k} heads ...")
-        model, lofit_record = _tune(args, model, tokenizer, train_items, heads, "LoFiT step 2: tune v")
-        seconds["tune"] = round(time.perf_counter() - t, 1)
-        trainable = _trainable(model)
-        info["train_loss"]["lofit"] = lofit_record["epoch_loss"]
-        save_adapter(model, adapter_dir, selection=selection, method="lofit", hyperparameters=hyper)
-        t = time.perf_counter()
-        lofit = _evaluate(args, model, tokenizer, eval_items, "LoFiT")
-        seconds["eval_lofit"] = round(time.perf_counter() - t, 1)
-        unpatch(model)
+    reuse = "lofit" in previous and previous.get("heads") == results["heads"] and os.path.isdir(adapter_dir)
+    lofit, trainable = step2("lofit", heads, reuse, f"LoFiT step 2: tuning v on the top {k} heads ...", "LoFiT",
+                             ("tune", "eval_lofit"))
     checkpoint(trainable_params=trainable, lofit=lofit)
 
     rand_heads = random_heads(model, k, seed=args.seed)
     info["random_heads"] = [[layer, head] for layer, head in rand_heads]
-    if "random" in previous and previous.get("random_heads") == info["random_heads"]:
-        _log(args, f"resuming: random-heads metrics from {results_path}")
-        rand = previous["random"]
-        for stage in ("tune_random", "eval_random"):
-            seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
-        info["train_loss"]["random"] = previous.get("train_loss", {}).get("random")
-    else:
-        t = time.perf_counter()
-        _log(args, f"baseline: tuning v on {k} random heads {rand_heads} ...")
-        model, random_record = _tune(args, model, tokenizer, train_items, rand_heads, "random heads: tune v")
-        seconds["tune_random"] = round(time.perf_counter() - t, 1)
-        info["train_loss"]["random"] = random_record["epoch_loss"]
-        t = time.perf_counter()
-        rand = _evaluate(args, model, tokenizer, eval_items, "random heads")
-        seconds["eval_random"] = round(time.perf_counter() - t, 1)
-        unpatch(model)
+    reuse = "random" in previous and previous.get("random_heads") == info["random_heads"]
+    rand, _ = step2("random", rand_heads, reuse, f"baseline: tuning v on {k} random heads {rand_heads} ...",
+                    "random heads", ("tune_random", "eval_random"))
     checkpoint(random=rand)
     merged = {**results, **info}
     return {**{key: merged[key] for key in RESULT_KEYS}, **merged}

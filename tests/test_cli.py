@@ -162,7 +162,7 @@ def test_run_resume_reuses_finished_stages_with_the_same_settings(model_dir, tmp
     capsys.readouterr()
     assert run_cli(*common, "--resume") == 0
     log = capsys.readouterr().err
-    for stage in ("base model metrics", "head selection", "LoFiT metrics", "random-heads metrics"):
+    for stage in ("base model metrics", "head selection", "LoFiT metrics", "random heads metrics"):
         assert f"resuming: {stage}" in log
     again = json.loads((out / "results.json").read_text())
     for key in ("base", "heads", "lofit", "trainable_params", "random"):
