@@ -220,3 +220,24 @@ def test_run_method_compares_a_relative_with_the_base_model(model_dir, tmp_path,
     assert (results["trainable_params"] > 0) == (method == "red")
     assert results["hyperparameters"]["lr"] == (5e-3 if method == "red" else 1e-2)
     assert method in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["truthfulqa", "mquake"])
+def test_paired_eval_reproduces_a_run_and_writes_intervals(model_dir, tmp_path, task):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_eval", Path(__file__).parent.parent / "bench" / "paired_eval.py")
+    paired_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired_eval)
+    out = tmp_path / task
+    assert run_cli("run", "--model", model_dir, "--task", task, "--data", FIXTURES, "--k", 2, "--out", out,
+                   *FAST) == 0
+    assert paired_eval.main(["--run", str(out), "--data", FIXTURES, "--samples", "200"]) == 0
+    report = json.loads((out / "paired.json").read_text())
+    for name in ("base", "lofit", "random"):  # the same numbers, the random heads re-tuned from scratch
+        now, then = report["reproduced"][name]["now"], report["reproduced"][name]["results.json"]
+        assert now == pytest.approx(then, abs=1e-9)
+    metrics = ["mc1", "mc2"] if task == "truthfulqa" else ["accuracy"]
+    assert sorted(report["paired"]) == sorted(f"lofit - {o} ({m})" for o in ("base", "random") for m in metrics)
+    for stats in report["paired"].values():
+        assert stats["ci_low"] <= stats["mean_diff"] <= stats["ci_high"] and 0.0 <= stats["p_not_better"] <= 1.0

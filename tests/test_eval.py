@@ -72,6 +72,9 @@ def test_truthfulqa_mc_on_a_model_with_known_logprobs():
     assert got["mc1"] == pytest.approx(0.5)
     assert got["mc2"] == pytest.approx((mc2_1 + mc2_2) / 2, rel=1e-5)
     assert mc2_1 > 0.99 and mc2_2 < 0.01  # the case is not a coin flip
+    per_item = truthfulqa_mc(model, tok, items, batch_size=3, progress=False, return_items=True)["items"]
+    assert [r["mc1"] for r in per_item] == [1.0, 0.0]
+    assert [r["mc2"] for r in per_item] == pytest.approx([mc2_1, mc2_2], rel=1e-5)
 
 
 def slow_answer_logprob(model, tok, prompt: str, completion: str, prefix=()) -> float:
@@ -198,3 +201,19 @@ def test_generation_accuracy_on_real_task_items_returns_a_fraction():
     assert set(out) == {"accuracy"} and out["accuracy"] == 0.0  # a random byte model does not know the answer
     with pytest.raises(TypeError, match="expected GenItem"):
         generation_accuracy(model, tok, builtin_truthfulqa()[:1], progress=False)
+
+
+def test_paired_bootstrap_on_known_differences():
+    from lofit_fast.eval import paired_bootstrap
+
+    a = [1.0] * 60 + [0.0] * 40
+    better = paired_bootstrap(a, [0.0] * 100, seed=1)
+    assert better["mean_diff"] == pytest.approx(0.6) and better["p_not_better"] == 0.0
+    assert better["ci_low"] < 0.6 < better["ci_high"] and better["ci_low"] > 0.45 and better["ci_high"] < 0.75
+    same = paired_bootstrap(a, a, seed=1)
+    assert same["mean_diff"] == same["ci_low"] == same["ci_high"] == 0.0 and same["p_not_better"] == 1.0
+    # pairing matters: a shuffled copy has the same mean but a wide interval around 0
+    shuffled = paired_bootstrap(a, a[50:] + a[:50], seed=1)
+    assert shuffled["mean_diff"] == pytest.approx(0.0) and shuffled["ci_low"] < -0.1 < 0.1 < shuffled["ci_high"]
+    with pytest.raises(ValueError, match="100 scores against 99"):
+        paired_bootstrap(a, a[:99])

@@ -12,6 +12,7 @@ from .generation import (
     is_correct,
     normalize_answer,
 )
+from .stats import paired_bootstrap
 from .truthfulqa import mc_scores, score_answers, truthfulqa_mc
 
 # Where a generated answer ends, per task (CLUTRR's official scorer also cuts at the first period).
@@ -38,5 +39,6 @@ __all__ = [
     "normalize_answer",
     "extract_prediction",
     "is_correct",
+    "paired_bootstrap",
     "STOP_STRINGS",
 ]

@@ -68,10 +68,12 @@ def score_answers(
 
 
 def truthfulqa_mc(
-    model, tokenizer, items: Sequence[MCItem], *, batch_size: int = 16, progress: bool = True, prefix: str = ""
-) -> Dict[str, float]:
+    model, tokenizer, items: Sequence[MCItem], *, batch_size: int = 16, progress: bool = True, prefix: str = "",
+    return_items: bool = False,
+) -> Dict[str, object]:
     """{"mc1", "mc2"} over `items` (see the module docstring); the model is scored in eval mode under no_grad
-    and put back in its previous mode. `batch_size` counts (question, answer) pairs."""
+    and put back in its previous mode. `batch_size` counts (question, answer) pairs. With `return_items`,
+    also "items": [{"mc1", "mc2"}] per question (for paired comparisons)."""
     if len(items) == 0:
         raise ValueError("truthfulqa_mc: no items to evaluate")
     groups: List[List[str]] = []
@@ -84,11 +86,13 @@ def truthfulqa_mc(
         groups.append(list(dict.fromkeys(correct + incorrect + [best])))
     pairs = [(prefix + item.prompt, truthfulqa_completion(a)) for item, group in zip(items, groups) for a in group]
     flat = iter(score_answers(model, tokenizer, pairs, batch_size=batch_size, progress=progress, desc="TruthfulQA MC"))
-    mc1_total = mc2_total = 0.0
+    per_item = []
     for item, group in zip(items, groups):
         score = {a: next(flat) for a in group}
         correct, incorrect, best = _answers(item)
         mc1, mc2 = mc_scores(score[best], [score[a] for a in correct], [score[a] for a in incorrect])
-        mc1_total += mc1
-        mc2_total += mc2
-    return {"mc1": mc1_total / len(items), "mc2": mc2_total / len(items)}
+        per_item.append({"mc1": mc1, "mc2": mc2})
+    result: Dict[str, object] = {key: sum(r[key] for r in per_item) / len(items) for key in ("mc1", "mc2")}
+    if return_items:
+        result["items"] = per_item
+    return result
