@@ -294,14 +294,13 @@ def cmd_select(args) -> int:
 
 
 def _heads_for_tune(args, model):
-    from .methods import HeadSelection, default_k, random_heads
+    from .methods import default_k, random_heads
 
     if args.random:
         return random_heads(model, args.k or default_k(model), seed=args.seed), None
     if args.heads:
         return args.heads, None
-    selection = HeadSelection.load(args.selection)
-    selection.check_model(model)
+    selection = _given_selection(args.selection, model)
     return selection.top(args.k or selection.k or default_k(model)), selection
 
 
@@ -377,9 +376,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-RESUME_SELECTION_KEYS = ("task", "l1", "lr", "epochs", "batch_size", "init_std", "seed", "max_grad_norm")
-
-
 def _previous_results(path: str, info: dict) -> dict:
     """The earlier results.json in --out when it comes from the same settings and data (else {})."""
     if not os.path.isfile(path):
@@ -389,6 +385,7 @@ def _previous_results(path: str, info: dict) -> dict:
             previous = json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
+
     def later_stages(hyper):  # step 1's settings are checked with the selection itself
         return {k: v for k, v in (hyper or {}).items() if k not in ("select_lr", "l1")}
 
@@ -412,7 +409,7 @@ def _previous_selection(path: str, args, model, train_examples: int):
     wanted = {"task": args.task, "l1": args.l1, "lr": args.select_lr, "epochs": args.epochs,
               "batch_size": args.batch_size, "init_std": args.init_std, "seed": args.seed,
               "max_grad_norm": args.max_grad_norm or None}
-    same = all(meta.get(key) == wanted[key] for key in RESUME_SELECTION_KEYS)
+    same = all(meta.get(key) == value for key, value in wanted.items())
     same = same and meta.get("train_examples") == train_examples and meta.get("model") == args.model
     return selection if same else None
 
@@ -722,9 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _fill_task_defaults(args) -> None:
     """Learning rates and λ left unset: step 2's (or the compared method's) default, and step 1's official
     values for the task (the demo runs TruthfulQA)."""
-    from .methods.lofit import select_defaults
-
     from .methods.cli_methods import DEFAULT_LR
+    from .methods.lofit import select_defaults
 
     if getattr(args, "lr", False) is None:
         args.lr = DEFAULT_LR.get(getattr(args, "method", "lofit"), DEFAULT_LR["lofit"])

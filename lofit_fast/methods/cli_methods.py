@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .._files import atomic_write
+
 METHODS = ("base", "iti", "repe", "lofit", "lora", "red", "rep_tuning")
 # Learning rates per method when none is given (LoFiT's are the official 7B values; LoRA / RED the usual
 # ranges for models of this size).
@@ -489,6 +491,4 @@ def register(subparsers) -> None:
 
 
 def write_json(path: str, payload) -> str:
-    from .._files import atomic_write
-
     return atomic_write(path, json.dumps(payload, indent=2) + "\n")
