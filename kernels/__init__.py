@@ -1,8 +1,8 @@
 """Triton kernels for the head-affine o_proj GEMM (installed as `lofit_fast.kernels`).
 
-- `head_affine_forward`: y = x' Wᵀ (+ b), applying (1 + A) and + v to the selected heads' columns as each
-  x tile is loaded.
-- `offset_bias`: b + W_S v in float32, so an offsets-only forward is the plain GEMM with a folded bias.
+- `head_affine_forward`: y = x' Wᵀ (+ b): v folded into a float32 bias, A through a thin loop over the
+  selected columns after the plain main loop (or through W · diag(1 + A) when A covers many heads).
+- `offset_bias`: b + W_S v in float32; `scaled_weight`: W · diag(1 + A).
 - `head_affine_backward`: dx = dy · W with the selected heads' columns scaled by (1 + A), and dA, dv
   reduced only over column tiles of selected heads (or, without dx, a thin GEMM over those columns).
 
@@ -11,9 +11,9 @@ Heads are addressed through `slot` (int32 [H]: a head's row in A and v, or -1 wh
 """
 import torch
 
-from ._common import GEMM_CONFIGS, INTERPRETED
+from ._common import INTERPRETED, pick_config
 from .backward import head_affine_backward
-from .forward import head_affine_forward, offset_bias
+from .forward import head_affine_forward, offset_bias, scaled_columns, scaled_weight
 
 
 def head_slots(heads: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -23,4 +23,5 @@ def head_slots(heads: torch.Tensor, num_heads: int) -> torch.Tensor:
     return slot
 
 
-__all__ = ["INTERPRETED", "GEMM_CONFIGS", "head_affine_forward", "head_affine_backward", "offset_bias", "head_slots"]
+__all__ = ["INTERPRETED", "pick_config", "head_affine_forward", "head_affine_backward", "offset_bias",
+           "scaled_columns", "scaled_weight", "head_slots"]

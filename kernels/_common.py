@@ -1,9 +1,20 @@
-"""What the forward and backward kernels share: interpreter detection, GEMM tile configs, tile ordering."""
+"""What the kernels share: interpreter detection, the tile configs and the deterministic pick among them,
+tile ordering.
+
+Config choice is a fixed rule of (kernel, row count, element size): the same shape always gets the same tiles,
+so the summation order, and with it every bit of the result, does not change between processes (an autotuner
+times the candidates and may pick differently in each one). The candidates after the first are the
+alternatives that `bench/sm90_report.py` also checks and a GPU run may time.
+
+The rule's configs were chosen by compiling every variant for sm_90 (`python bench/sm90_report.py`): each one
+issues wgmma, has no serialized-wgmma warning (ptxas C7515), no spills, and at least two shared-memory buffers
+for both operands. Interpreted (TRITON_INTERPRET=1) there is one small config per kernel.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Dict, List
 
 import torch
 import triton
@@ -20,86 +31,55 @@ def _interpreter_on() -> bool:
 # triton.jit reads TRITON_INTERPRET when a kernel is defined, so this must agree with how ours were defined.
 INTERPRETED: bool = _interpreter_on()
 
-# The smallest tile side tl.dot takes: the row tile kept for any row count up to it.
-MIN_TILE = 16
+# Row counts up to this go to the decode kernel (rows on the wgmma N side, W rows on the M side).
+DECODE_MAX_ROWS = 32
 
 
-def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> Dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps,
+            "num_stages": stages}
 
 
-GPU_CONFIGS = [
-    # many rows: compute-bound tiles (Hopper / Ampere); the first that suits is the untuned choice
-    gemm_config(128, 256, 64, 8, 3),
-    gemm_config(128, 128, 64, 8, 4),
-    gemm_config(128, 128, 64, 4, 4),
-    gemm_config(64, 128, 64, 4, 4),
-    gemm_config(128, 64, 64, 4, 4),
-    # few rows (decode, short prompts): narrow tiles so every SM streams part of the weight
-    gemm_config(64, 64, 128, 4, 4),
-    gemm_config(32, 64, 128, 4, 4),
-    gemm_config(16, 64, 128, 4, 4),
-    gemm_config(16, 32, 256, 4, 4),
-    gemm_config(16, 128, 128, 4, 3),
-]
-# One config, so the interpreter never benchmarks: tiles narrower than a 64-wide head on the K side, and
-# ragged against every test shape's D_out.
-INTERPRETER_CONFIGS = [gemm_config(16, 64, 32, 4, 1)]
-GEMM_CONFIGS = INTERPRETER_CONFIGS if INTERPRETED else GPU_CONFIGS
-
-SMEM_BUDGET = 200 * 1024
-
-# LOFIT_TRITON_AUTOTUNE=0: no autotuning, the first config that suits the row count and dtype (no
-# benchmarking pause at each new shape; what the launchers read at every call, so it can be switched live).
-AUTOTUNE: bool = os.environ.get("LOFIT_TRITON_AUTOTUNE", "1") != "0"
+# kernel kind -> regime -> candidates, the rule's pick first. For `decode`, BLOCK_M tiles the rows of x (the
+# wgmma N side) and BLOCK_N the rows of W (the M side, at least 64 for wgmma).
+GPU_CONFIGS: Dict[str, Dict[str, List[Dict]]] = {
+    "fwd": {
+        "mid": [gemm_config(64, 128, 64, 4, 4), gemm_config(64, 256, 64, 8, 3)],
+        "large": [gemm_config(128, 128, 64, 8, 4), gemm_config(128, 256, 64, 8, 4)],
+    },
+    "decode": {
+        "16": [gemm_config(16, 64, 128, 4, 4), gemm_config(16, 128, 64, 4, 4)],
+        "32": [gemm_config(32, 64, 128, 4, 4), gemm_config(32, 128, 64, 4, 4)],
+    },
+    "bwd": {
+        "mid": [gemm_config(64, 128, 64, 4, 4), gemm_config(64, 64, 64, 4, 4)],
+        "large": [gemm_config(128, 128, 64, 8, 4), gemm_config(128, 64, 64, 4, 4)],
+    },
+}
+INTERPRETER_CONFIG = gemm_config(16, 64, 32, 4, 1)
 
 
-def row_bucket(n_rows: int) -> int:
-    """Autotuning key for the row count: the next power of two, so varying sequence lengths share tunings."""
-    return 1 << max(0, int(n_rows) - 1).bit_length()
+def regime(kind: str, n_rows: int) -> str:
+    if kind == "decode":
+        return "16" if n_rows <= 16 else "32"
+    return "mid" if n_rows <= 256 else "large"
 
 
-def _suits(c: triton.Config, rows: int, elem_bytes: int) -> bool:
-    """Not far taller than the row count, fits shared memory at this dtype, and (for many rows) not one of
-    the short tiles meant for decode."""
-    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    if (bm * bk + bk * bn) * elem_bytes * c.num_stages > SMEM_BUDGET:
-        return False
-    return bm <= max(MIN_TILE, rows) and not (rows >= 256 and bm < 64)
+def candidates(kind: str, n_rows: int) -> List[Dict]:
+    if INTERPRETED:
+        return [INTERPRETER_CONFIG]
+    return GPU_CONFIGS[kind][regime(kind, n_rows)]
 
 
-def _kept(configs, rows: int, elem_bytes: int):
-    if len(configs) == 1:
-        return list(configs)
-    kept = [c for c in configs if _suits(c, rows, elem_bytes)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+def pick_config(kind: str, n_rows: int) -> Dict:
+    """The rule's config for this kernel and row count (deterministic)."""
+    return dict(candidates(kind, n_rows)[0])
 
 
-def prune_gemm_configs(configs, named_args, **kwargs):
-    """The autotuner's early pruning: keep the configs that suit this row bucket and dtype (the first
-    tensor argument's)."""
-    elem = next(a.element_size() for a in named_args.values() if isinstance(a, torch.Tensor))
-    return _kept(configs, named_args["N_BUCKET"], elem)
-
-
-def launch_config(config: Optional[dict], n_rows: int, like: torch.Tensor) -> Optional[dict]:
-    """`config` if pinned; else None (autotune), or with autotuning off the first config that suits."""
-    if config is not None or AUTOTUNE:
-        return config
-    c = _kept(GEMM_CONFIGS, row_bucket(n_rows), like.element_size())[0]
-    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-
-
-def smallest_block_m() -> int:
-    return min(c.kwargs["BLOCK_M"] for c in GEMM_CONFIGS)
-
-
-def chosen_block_m(kernel, config) -> int:
-    """BLOCK_M of the launch that just ran: the explicit config, or the autotuner's pick."""
-    if config is not None:
-        return config["BLOCK_M"]
-    return kernel.best_config.kwargs["BLOCK_M"]
+def kernel_args(config: Dict):
+    """(meta-parameters, launch options) of a config dict."""
+    meta = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    return meta, {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 
 _SAME_DEVICE = contextlib.nullcontext()

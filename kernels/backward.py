@@ -18,19 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    GEMM_CONFIGS, INTERPRETED, chosen_block_m, grouped_tile, launch_config, on_device, prune_gemm_configs,
-    row_bucket, smallest_block_m,
-)
+from ._common import INTERPRETED, grouped_tile, kernel_args, on_device, pick_config
+from .forward import _dot
 
 
-@triton.jit(do_not_specialize=["N_BUCKET"])  # only an autotuning key: one compile for every bucket
+@triton.jit
 def _head_affine_bwd_kernel(
     dy_ptr, w_ptr, dx_ptr, heads_ptr, slot_ptr, a_ptr, xs_ptr, part_ptr,
-    N, D_OUT, NCOLS, KD, N_BUCKET, stride_part, offset_da,
+    N, D_OUT, NCOLS, KD, stride_part, offset_da,
     stride_dym, stride_dyk, stride_wn, stride_wk, stride_dxm, stride_xsm, stride_xsk,
     HEAD_DIM: tl.constexpr, THIN: tl.constexpr, HAS_SCALE: tl.constexpr,
-    NEED_DA: tl.constexpr, NEED_DV: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    NEED_DA: tl.constexpr, NEED_DV: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), N, NCOLS, BLOCK_M, BLOCK_N, GROUP_M)
@@ -45,7 +44,10 @@ def _head_affine_bwd_kernel(
         if HEAD_DIM % BLOCK_N == 0:
             # The tile lies inside one head: contiguous columns of W (lets the loads vectorize).
             head = tl.load(heads_ptr + (pid_n * BLOCK_N) // HEAD_DIM)
-            wcol = head * HEAD_DIM + (pid_n * BLOCK_N) % HEAD_DIM + tl.arange(0, BLOCK_N)
+            # `%` hides that the start is a multiple of BLOCK_N; without the hint W is read element by
+            # element and the loads are not pipelined.
+            start = tl.multiple_of(head * HEAD_DIM + (pid_n * BLOCK_N) % HEAD_DIM, BLOCK_N)
+            wcol = start + tl.arange(0, BLOCK_N)
         else:
             head = tl.load(heads_ptr + rn // HEAD_DIM, mask=col_ok, other=0)
             wcol = head * HEAD_DIM + rn % HEAD_DIM
@@ -58,16 +60,14 @@ def _head_affine_bwd_kernel(
     w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_wn + wcol[None, :] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D_OUT, BLOCK_K):
-        k_ok = (k0 + rk) < D_OUT
-        dyt = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
-            dyt = dyt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(dyt, wt, acc, input_precision="ieee")
+        if EVEN_K:
+            dyt = tl.load(dy_ptrs, mask=row_ok[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
-            acc = tl.dot(dyt, wt, acc)
+            k_ok = (k0 + rk) < D_OUT
+            dyt = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(dyt, wt, acc, DOT_FP32, IEEE)
         dy_ptrs += BLOCK_K * stride_dyk
         w_ptrs += BLOCK_K * stride_wn
     # Rows past N loaded dy = 0, so they add nothing to the column sums below.
@@ -87,13 +87,6 @@ def _head_affine_bwd_kernel(
                 xs = tl.load(xs_ptr + rm.to(tl.int64)[:, None] * stride_xsm + pos[None, :] * stride_xsk,
                              mask=row_ok[:, None] & sel[None, :], other=0.0).to(tl.float32)
                 tl.store(part_row + offset_da + pos, tl.sum(acc * xs, axis=0), mask=sel)
-
-
-_head_affine_bwd_tuned = triton.autotune(
-    configs=GEMM_CONFIGS,
-    key=["N_BUCKET", "D_OUT", "NCOLS", "HEAD_DIM", "THIN", "HAS_SCALE", "NEED_DA", "NEED_DV"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs},
-)(_head_affine_bwd_kernel)
 
 
 def head_affine_backward(
@@ -118,7 +111,8 @@ def head_affine_backward(
     K = heads.numel()
     KD = K * head_dim
     thin = not need_dx
-    config = launch_config(config, N, dy)
+    config = config if config is not None else pick_config("bwd", N)
+    meta, launch = kernel_args(config)
     if thin and not (need_dA or need_dv):
         return None, None, None
     if need_dA and (x_sel is None or tuple(x_sel.shape) != (N, KD)):
@@ -130,35 +124,28 @@ def head_affine_backward(
         zeros = lambda: torch.zeros(K, head_dim, device=dy.device, dtype=torch.float32)  # noqa: E731
         return dx, zeros() if need_dA else None, zeros() if need_dv else None
     n_parts = int(need_dA) + int(need_dv)
-    row_tiles_max = triton.cdiv(N, config["BLOCK_M"] if config is not None else smallest_block_m())
-    part = torch.empty((row_tiles_max, max(n_parts, 1), KD), device=dy.device, dtype=torch.float32)
+    row_tiles = triton.cdiv(N, meta["BLOCK_M"])
+    part = torch.empty((row_tiles, max(n_parts, 1), KD), device=dy.device, dtype=torch.float32)
     A = A.contiguous() if (A is not None and not thin) else None
     ncols = KD if thin else C
     dummy = slot
     xs = x_sel if need_dA else dummy
     args = (
         dy, weight, dx if dx is not None else dummy, heads, slot, A if A is not None else dummy, xs, part,
-        N, D_out, ncols, KD, row_bucket(N), max(n_parts, 1) * KD, KD if need_dv else 0,
+        N, D_out, ncols, KD, max(n_parts, 1) * KD, KD if need_dv else 0,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
         dx.stride(0) if dx is not None else 0,
         xs.stride(0) if need_dA else 0, xs.stride(1) if need_dA else 0,
     )
     flags = dict(
         HEAD_DIM=head_dim, THIN=thin, HAS_SCALE=A is not None, NEED_DA=need_dA, NEED_DV=need_dv,
-        DOT_FP32=INTERPRETED, IEEE=dy.dtype == torch.float32,
+        EVEN_K=D_out % meta["BLOCK_K"] == 0, DOT_FP32=INTERPRETED, IEEE=dy.dtype == torch.float32,
     )
+    grid = (row_tiles * triton.cdiv(ncols, meta["BLOCK_N"]),)
     with on_device(dy):
-        if config is None:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(ncols, meta["BLOCK_N"]),)  # noqa: E731
-            kernel = _head_affine_bwd_tuned
-            kernel[grid](*args, **flags)
-        else:
-            grid = (triton.cdiv(N, config["BLOCK_M"]) * triton.cdiv(ncols, config["BLOCK_N"]),)
-            kernel = None
-            _head_affine_bwd_kernel[grid](*args, **flags, **config)
+        _head_affine_bwd_kernel[grid](*args, **flags, **meta, **launch)
     dA = dv = None
     if n_parts:
-        row_tiles = triton.cdiv(N, chosen_block_m(kernel, config))
         sums = part[0] if row_tiles == 1 else part[:row_tiles].sum(0)
         if need_dv:
             dv = sums[0].view(K, head_dim)

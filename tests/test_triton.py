@@ -2,7 +2,7 @@
 strided inputs, the offset fold, untouched unselected columns, poisoned outputs, and the backend's wiring.
 
 Without a GPU these run in the interpreter (TRITON_INTERPRET=1, set by conftest.py) on small shapes; the
-tests marked `gpu` run real launches with the autotuned configs on model-sized shapes.
+tests marked `gpu` run real launches with the rule's configs on model-sized shapes.
 """
 import math
 
@@ -83,7 +83,7 @@ def check_kernels(K, x, W, b, heads, A, v, d, config, dtype):
     H = x.shape[1] // d
     slot = K.head_slots(heads, H)
     cpu = lambda t: None if t is None else t.cpu()  # noqa: E731  (the reference runs on the CPU)
-    y = K.head_affine_forward(x, W, b, slot, A, v, d, config=config)
+    y = K.head_affine_forward(x, W, b, heads, slot, A, v, d, config=config)
     assert y.dtype == dtype and y.shape == (x.shape[0], W.shape[0])
     assert rel_err(y, reference_forward(cpu(x), cpu(W), cpu(b), heads.cpu(), cpu(A), cpu(v), d)) < OUT_TOL[dtype]
     dy = torch.randn_like(y)
@@ -153,24 +153,31 @@ def test_offset_bias_is_b_plus_W_S_v(K):
 
 
 @pytest.mark.parametrize("N", [3, 80])
-def test_offsets_only_forward_folds_into_the_bias_for_many_rows(K, monkeypatch, N):
-    """Many rows: fold v·W_Sᵀ into a float32 bias and run the GEMM with no per-tile affine work.
-    Few rows (decode): apply the shift in the x loads instead, reading W once."""
-    from lofit_fast.ops import triton_backend
+def test_offsets_fold_into_a_cached_float32_bias(K, N):
+    """v only ever enters as b + W_S v in float32, built once per version of v: the GEMM itself is plain."""
+    from lofit_fast.ops.triton_backend import BACKEND
 
-    calls = []
-    real = K.head_affine_forward
-
-    def spy(x, weight, bias, slot, A, v, head_dim, config=None):
-        calls.append((bias.dtype if bias is not None else None, A is None, v is None))
-        return real(x, weight, bias, slot, A, v, head_dim, config=config)
-
-    monkeypatch.setattr(K, "head_affine_forward", spy)
-    x, W, b, heads, A, v = make(N, 4, 64, 36, [1], torch.bfloat16, "offset")
+    x, W, b, heads, _, v = make(N, 4, 64, 36, [1], torch.bfloat16, "offset")
     y = lofit_fast.head_affine_linear(x, W, b, heads, None, v, 64, backend="triton")
     assert rel_err(y, reference_forward(x, W, b, heads.cpu(), None, v, 64)) < OUT_TOL[torch.bfloat16]
-    folds = N >= triton_backend.FOLD_MIN_ROWS
-    assert calls == [(torch.float32, True, True)] if folds else [(torch.bfloat16, True, False)]
+    folded = BACKEND._folded_bias(W, b, heads, v, 64)
+    assert folded.dtype == torch.float32 and BACKEND._folded_bias(W, b, heads, v, 64) is folded
+    with torch.no_grad():
+        v.mul_(-3.0)  # an optimizer step: in place, so the cache must notice
+    assert BACKEND._folded_bias(W, b, heads, v, 64) is not folded
+    y = lofit_fast.head_affine_linear(x, W, b, heads, None, v, 64, backend="triton")
+    assert rel_err(y, reference_forward(x, W, b, heads.cpu(), None, v, 64)) < OUT_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("N,heads", [(20, [1]), (40, [0, 2]), (300, [0, 1, 2, 3])],
+                         ids=["decode-thin", "thin", "scaled-weight"])
+def test_scale_paths(K, N, heads):
+    """Few heads: the thin loop over W_S ⊙ A; many heads and rows: the plain GEMM on W · diag(1 + A)."""
+    from lofit_fast.kernels import forward as fwd
+
+    x, W, b, heads, A, v = make(N, 4, 64, 24, heads, torch.float32, "both")
+    assert fwd.use_scaled_weight(N, heads.numel() * 64, 256) == (N == 300)
+    check_kernels(K, x, W, b, heads, A, v, 64, None, torch.float32)
 
 
 def test_unselected_columns_stay_out_of_dA_and_dv(K):
@@ -248,33 +255,27 @@ def test_backend_contract_here():
 
 
 def test_one_config_under_the_interpreter(K):
-    if K.INTERPRETED:
-        assert len(K.GEMM_CONFIGS) == 1
-    else:
-        assert len(K.GEMM_CONFIGS) > 1
-
-
-def test_config_pruning_rules():
-    """Decode gets the 16-row tiles, many rows only tall tiles, and nothing overflows shared memory."""
     from lofit_fast.kernels import _common as c
 
-    for rows, elem in ((1, 2), (16, 4), (300, 2), (4096, 4), (16384, 2)):
-        kept = c._kept(c.GPU_CONFIGS, c.row_bucket(rows), elem)
-        assert kept, (rows, elem)
-        for cfg in kept:
-            bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            assert (bm * bk + bk * bn) * elem * cfg.num_stages <= c.SMEM_BUDGET
-            assert bm == 16 if rows <= 16 else True
-            assert bm >= 64 if rows >= 256 else True
-    assert [c.row_bucket(n) for n in (1, 2, 3, 16, 17, 4096, 4097)] == [1, 2, 4, 16, 32, 4096, 8192]
+    for kind, n in (("fwd", 1000), ("decode", 3), ("bwd", 5000)):
+        assert len(c.candidates(kind, n)) == (1 if K.INTERPRETED else 2)
 
 
-def test_without_autotuning_the_untuned_pick_runs(K, monkeypatch):
+def test_config_rule_is_deterministic_and_fits_hopper():
+    """One config per (kernel, rows): the same shape always sums in the same order. Every GPU candidate
+    fits shared memory; the decode kernel keeps W's rows on wgmma's 64-row side."""
     from lofit_fast.kernels import _common as c
 
-    monkeypatch.setattr(c, "AUTOTUNE", False)
-    x, W, b, heads, A, v = make(20, 3, 128, 24, [1], torch.float32, "both")
-    check_kernels(K, x, W, b, heads, A, v, 128, None, torch.float32)
+    for kind, regimes in c.GPU_CONFIGS.items():
+        for cands in regimes.values():
+            for cfg in cands:
+                bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+                assert (bm * bk + bk * bn) * 2 * cfg["num_stages"] <= 228 * 1024
+                if kind == "decode":
+                    assert bn >= 64
+    assert c.regime("decode", 16) == "16" and c.regime("decode", 17) == "32"
+    assert c.regime("fwd", 256) == "mid" and c.regime("fwd", 257) == "large"
+    assert c.pick_config("fwd", 4096) == c.pick_config("fwd", 4096)
 
 
 def test_head_slots_are_built_once_per_heads_tensor():
@@ -289,7 +290,7 @@ def test_head_slots_are_built_once_per_heads_tensor():
     assert BACKEND._slot(torch.tensor([1], device=DEVICE), 4).tolist() == [-1, 0, -1, -1]
 
 
-# --- real launches on a GPU: autotuned configs, model-sized shapes, every dtype ---------------------------
+# --- real launches on a GPU: the rule's configs, model-sized shapes, every dtype ---------------------------
 
 GPU_SHAPES = [(32, 128, 4096), (16, 256, 3072), (9, 64, 576)]
 
@@ -308,11 +309,8 @@ def test_gpu_model_shapes(K, H, d, D_out, dtype, N):
 
 
 @gpu
-def test_gpu_autotuned_partial_sums_with_many_row_tiles(K, monkeypatch):
-    """Several row-count buckets in a row: the second pass must sum exactly the chosen tiling's rows."""
-    from lofit_fast.kernels import _common as c
-
-    monkeypatch.setattr(c, "AUTOTUNE", True)
-    for N in (17, 1000, 4097):
+def test_gpu_partial_sums_with_many_row_tiles(K):
+    """Several regimes in a row: the second pass must sum exactly the chosen tiling's rows."""
+    for N in (17, 33, 257, 1000, 4097):
         x, W, b, heads, A, v = make(N, 8, 128, 512, [1, 5], torch.bfloat16, "both")
         check_kernels(K, x, W, b, heads, A, v, 128, None, torch.bfloat16)

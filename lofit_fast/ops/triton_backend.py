@@ -10,14 +10,9 @@ import importlib.util
 import sys
 import weakref
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-
-# An offsets-only forward over at least this many rows folds v·W_Sᵀ into the bias (a GEMV over the selected
-# columns, then the plain GEMM with no per-tile work). Below it (decode), the shift is applied in the GEMM's
-# x loads instead, so W is read once and there is one launch.
-FOLD_MIN_ROWS = 64
 
 _KERNELS = "lofit_fast.kernels"
 
@@ -46,28 +41,33 @@ def import_kernels():
     return module
 
 
-class _SlotMaps:
-    """The head -> slot map of each `heads` tensor, built once per tensor (a patched module's buffer) rather
-    than once per call; rebuilt if the tensor is modified in place, dropped when it is freed."""
+class _VersionedCache:
+    """Values derived from tensors (a head -> slot map, a folded bias), kept while every source tensor is
+    alive and unmodified: keyed on the tensors' identities and checked against their version counters, so
+    an in-place change (an optimizer step on v, a new head set) rebuilds the value. Inference tensors have no
+    version counter and are never cached."""
 
     def __init__(self):
-        self._maps: Dict[int, tuple] = {}
+        self._entries: Dict[tuple, tuple] = {}
 
-    def get(self, heads: torch.Tensor, num_heads: int, build: Callable) -> torch.Tensor:
+    def get(self, sources: Tuple[Optional[torch.Tensor], ...], extra: tuple, build: Callable):
         try:
-            version = heads._version
-        except RuntimeError:  # inference tensors have no version counter: nothing safe to key on
-            return build(heads, num_heads)
-        key = id(heads)
-        hit = self._maps.get(key)
+            versions = tuple(None if t is None else t._version for t in sources)
+        except RuntimeError:  # an inference tensor: nothing safe to key on
+            return build()
+        key = tuple(None if t is None else id(t) for t in sources) + extra
+        hit = self._entries.get(key)
         if hit is not None:
-            ref, seen_version, seen_heads, slot = hit
-            if ref() is heads and seen_version == version and seen_heads == num_heads:
-                return slot
-        slot = build(heads, num_heads)
-        maps = self._maps
-        self._maps[key] = (weakref.ref(heads, lambda _r, k=key: maps.pop(k, None)), version, num_heads, slot)
-        return slot
+            refs, seen, value = hit
+            if seen == versions and all((r is None) == (t is None) and (r is None or r() is t)
+                                        for r, t in zip(refs, sources)):
+                return value
+        value = build()
+        entries = self._entries
+        drop = lambda _r, k=key: entries.pop(k, None)  # noqa: E731
+        refs = tuple(None if t is None else weakref.ref(t, drop) for t in sources)
+        entries[key] = (refs, versions, value)
+        return value
 
 
 class TritonBackend:
@@ -77,7 +77,7 @@ class TritonBackend:
     def __init__(self):
         self._kernels = None
         self._reason = ""
-        self._slots = _SlotMaps()
+        self._cache = _VersionedCache()
 
     @property
     def kernels(self):
@@ -114,16 +114,35 @@ class TritonBackend:
         return dispatch.gpu_priority(self.name, x, weight, K)
 
     def _slot(self, heads: torch.Tensor, num_heads: int) -> torch.Tensor:
-        return self._slots.get(heads, num_heads, self.kernels.head_slots)
+        return self._cache.get((heads,), ("slot", num_heads), lambda: self.kernels.head_slots(heads, num_heads))
+
+    def _folded_bias(self, weight, bias, heads, v, head_dim) -> torch.Tensor:
+        """b + W_S v in float32, once per version of the parameters (every call in decode or evaluation reuses
+        it; a training step's update makes the next forward rebuild it)."""
+        return self._cache.get((weight, bias, heads, v), ("bias", head_dim),
+                               lambda: self.kernels.offset_bias(weight, bias, heads, v, head_dim))
+
+    def _scaled_columns(self, weight, heads, A, head_dim) -> torch.Tensor:
+        """W_S ⊙ A [D_out, K·d], the thin loop's operand, once per version of A. Cached only while K·d is a
+        small share of the columns, so the cache never holds a second copy of a large part of W."""
+        k = self.kernels
+        if heads.numel() * head_dim >= k.forward.SCALED_WEIGHT_MIN_SHARE * weight.shape[1]:
+            return k.scaled_columns(weight, heads, A, head_dim)
+        return self._cache.get((weight, heads, A), ("cols", head_dim),
+                               lambda: k.scaled_columns(weight, heads, A, head_dim))
 
     def forward(self, x, weight, bias, heads, A, v, head_dim):
         k = self.kernels
         N, C = x.shape
+        K = heads.numel()
         slot = self._slot(heads, C // head_dim)
-        if A is None and N >= FOLD_MIN_ROWS:
-            folded = k.offset_bias(weight, bias, heads, v, head_dim)
-            return k.head_affine_forward(x, weight, folded, slot, None, None, head_dim)
-        return k.head_affine_forward(x, weight, bias, slot, A, v, head_dim)
+        folded = scaled = None
+        if v is not None and K:
+            folded = self._folded_bias(weight, bias, heads, v, head_dim)
+        if A is not None and K and N and not k.forward.use_scaled_weight(N, K * head_dim, C):
+            scaled = self._scaled_columns(weight, heads, A, head_dim)
+        return k.head_affine_forward(x, weight, bias, heads, slot, A, v, head_dim, folded_bias=folded,
+                                     scaled_cols=scaled)
 
     def backward(self, dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
         slot = self._slot(heads, weight.shape[1] // head_dim)
