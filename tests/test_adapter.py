@@ -397,3 +397,54 @@ def test_unload_and_trainable_parameter_counts(capsys):
     )
     unload(model)
     assert not any(isinstance(m, HeadInterventionLinear) for m in model.modules())
+
+
+def _kill_during_save(directory, model_seed: int, stop_after_replaces: int):
+    """Run save_adapter in a child process that SIGKILLs itself right after the given number of os.replace
+    calls (0: before any file is moved into place)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from lofit_fast import _files
+        from lofit_fast.adapter import save_adapter
+        from test_adapter import patched_tiny
+        model = patched_tiny("llama", seed={model_seed})
+        real_replace, n = os.replace, [0]
+        def replace(a, b):
+            if n[0] == {stop_after_replaces}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(a, b)
+            n[0] += 1
+        _files.os.replace = replace
+        save_adapter(model, {str(directory)!r})
+        os.kill(os.getpid(), signal.SIGKILL)  # after a complete save, too
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 2], ids=["before-weights", "between-files", "after-config"])
+def test_a_killed_save_leaves_the_old_adapter_or_the_new_one(saved, stop_after):
+    """SIGKILL at each point of a save over an existing adapter: the folder always loads, as the old adapter
+    until the config is replaced and as the new one after; the next save cleans up what was left."""
+    directory, expected_old, _ = saved
+    _kill_during_save(directory, model_seed=1, stop_after_replaces=stop_after)
+    got = logits(load_adapter(tiny_model("llama", attn="eager"), directory))
+    expected_new = logits(patched_tiny("llama", seed=1))
+    assert torch.equal(got, expected_old if stop_after < 2 else expected_new)
+    save_adapter(patched_tiny("llama", seed=2), directory)
+    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
+def test_saved_files_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_adapter(patched_tiny("llama", seed=0), tmp_path / "a")
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert os.stat(tmp_path / "a" / name).st_mode & 0o777 == 0o644

@@ -16,6 +16,7 @@ from ..patch import find_attention_sites, patch, patched_modules
 from .schema import (
     CONFIG_NAME,
     PARAM_DTYPES,
+    PREVIOUS_WEIGHTS_NAME,
     WEIGHTS_NAME,
     AdapterFormatError,
     check_config_fits_model,
@@ -24,6 +25,7 @@ from .schema import (
     head_dims,
     tensor_key,
     validate_config,
+    warn_if_other_weights,
 )
 
 
@@ -102,7 +104,15 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], *, backend: str 
     heads = validate_config(config, config_path)
     sites = find_attention_sites(model)
     check_config_fits_model(config, heads, model, sites, config_path)
+    warn_if_other_weights(config, sites, config_path)
     tensors, digest = _read_tensors(weights_path)
+    previous = directory / PREVIOUS_WEIGHTS_NAME
+    if digest != config["tensors_sha256"] and previous.is_file():
+        # A save was stopped after replacing the weights but before the config: the config still describes
+        # the previous weights, which the save kept.
+        old_tensors, old_digest = _read_tensors(previous)
+        if old_digest == config["tensors_sha256"]:
+            tensors, digest, weights_path = old_tensors, old_digest, previous
     _check_tensors(tensors, config, heads, weights_path)
     if digest != config["tensors_sha256"]:
         raise AdapterFormatError(

@@ -50,6 +50,11 @@ def merge(model: nn.Module) -> nn.Module:
     off = [layer for layer, m in mods.items() if not m.enabled]
     if off:
         raise RuntimeError(f"interventions of layers {off} are disabled (inside lofit_fast.disabled?); enable them before merging")
+    for layer, m in mods.items():
+        for name in ("A", "v"):
+            p = getattr(m, name)
+            if p is not None and not torch.isfinite(p).all():
+                raise ValueError(f"{name} of layer {layer} contains NaN or inf; refusing to fold it into the weights")
     at_sites = {id(m) for m in mods.values()}
     stray = [name for name, m in model.named_modules() if isinstance(m, HeadInterventionLinear) and id(m) not in at_sites]
     if stray:

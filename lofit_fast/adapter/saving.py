@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -12,9 +13,12 @@ import torch.nn as nn
 from .._version import __version__
 from ..hooks import hooked_modules
 from ..patch import find_attention_sites, patched_modules
-from .._files import atomic_write_files
+from .._files import atomic_write_files, remove_stale_temps
 from .files import to_json_bytes
-from .schema import CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_NAME, dtype_name, model_description, tensor_key
+from .schema import (
+    CONFIG_NAME, FORMAT_NAME, FORMAT_VERSION, PREVIOUS_WEIGHTS_NAME, WEIGHTS_NAME, dtype_name, model_description,
+    tensor_key, weights_fingerprint,
+)
 
 
 def require_patched(model: nn.Module, action: str):
@@ -51,8 +55,11 @@ def save_adapter(
 
     selection: the head selection to keep with the adapter (e.g. a HeadSelection, via its `to_dict()`, or a
     dict/list of scores). hyperparameters: a JSON-able dict (dtypes and tensors are converted).
-    Both files are written to temporary files first and then moved into place, so a failed save leaves any
-    previous adapter in `directory` as it was.
+    A save killed at any instant leaves a folder that loads as the previous adapter or as the new one: both
+    files are written to temporary files first; the previous weights are kept (a hard link, PREVIOUS_WEIGHTS_NAME)
+    until the new config, which names its weights by sha256, has replaced the old one, and `load_adapter`
+    takes them whenever the config names them rather than the current weights. What a killed save left
+    behind is removed by the next save.
     """
     mods = require_patched(model, "save an adapter")
     sites = find_attention_sites(model)
@@ -85,6 +92,7 @@ def save_adapter(
         "lofit_fast_version": __version__,
         "method": str(method),
         **model_description(model, sites),
+        "base_fingerprint": weights_fingerprint(sites),
         "heads": {str(layer): m.head_list for layer, m in mods.items()},
         "scale": scale,
         "offset": offset,
@@ -98,5 +106,16 @@ def save_adapter(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_files({directory / WEIGHTS_NAME: blob, directory / CONFIG_NAME: config_bytes})
+    remove_stale_temps(directory, (WEIGHTS_NAME, CONFIG_NAME))
+    weights, previous = directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS_NAME
+    previous.unlink(missing_ok=True)
+    if weights.is_file():
+        os.link(weights, previous)
+    try:
+        atomic_write_files({weights: blob, directory / CONFIG_NAME: config_bytes})  # weights first, config last
+    except BaseException:
+        if previous.is_file() and os.path.samefile(previous, weights):  # nothing was replaced yet
+            previous.unlink()
+        raise
+    previous.unlink(missing_ok=True)
     return directory

@@ -1,6 +1,8 @@
 """The adapter format: file names, tensor keys, and the checks of adapter_config.json (alone and against a model)."""
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
@@ -10,6 +12,8 @@ import torch.nn as nn
 from ..patch.families import AttentionSite
 
 WEIGHTS_NAME = "adapter.safetensors"
+# The weights a save is replacing, kept until the new config is in place (see save_adapter).
+PREVIOUS_WEIGHTS_NAME = ".adapter.previous.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_NAME = "lofit_fast-adapter"
 FORMAT_VERSION = 1
@@ -130,6 +134,31 @@ def model_description(model: nn.Module, sites: List[AttentionSite]) -> Dict[str,
         "head_dim": dims[0] if len(set(dims)) == 1 else dims,
         "hidden_size": sites[0].attn.o_proj.out_features,
     }
+
+
+def weights_fingerprint(sites: List[AttentionSite]) -> str:
+    """sha256 of a fixed sample of every layer's base o_proj weight (16 rows x 64 columns, rounded to bfloat16,
+    so a float32 and a bfloat16 copy of one model agree): which weights an adapter was trained on."""
+    h = hashlib.sha256()
+    for site in sites:
+        o_proj = site.attn.o_proj
+        w = getattr(o_proj, "base_layer", o_proj).weight.detach()
+        if type(w) is not torch.Tensor and callable(getattr(w, "dequantize", None)):
+            w = w.dequantize()  # a quantized base (lofit_fast.models.quantize_base)
+        rows = torch.linspace(0, w.shape[0] - 1, min(16, w.shape[0])).long().to(w.device)
+        cols = torch.linspace(0, w.shape[1] - 1, min(64, w.shape[1])).long().to(w.device)
+        sample = w.index_select(0, rows).index_select(1, cols).to("cpu", torch.bfloat16)
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def warn_if_other_weights(config: Mapping[str, Any], sites: List[AttentionSite], path: Path) -> None:
+    """An adapter fits any model with the same head layout; warn when its base weights were others."""
+    saved = config.get("base_fingerprint")
+    if isinstance(saved, str) and saved != weights_fingerprint(sites):
+        name = config.get("base_model_name_or_path") or "another model"
+        warnings.warn(f"{path} was trained on other o_proj weights ({name}, fingerprint {saved[:12]}…) than this "
+                      f"model's ({weights_fingerprint(sites)[:12]}…): same layout, different weights", stacklevel=3)
 
 
 def check_config_fits_model(

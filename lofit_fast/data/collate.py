@@ -39,6 +39,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> List[List[int]]:
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     if adds_bos(tokenizer):
         ids = [[tokenizer.bos_token_id] + list(x) for x in ids]
+    empty = [i for i, x in enumerate(ids) if len(x) == 0]
+    if empty:  # a model cannot condition on nothing (HF fails later with an opaque reshape error)
+        raise ValueError(f"prompt {empty[0]} ({prompts[empty[0]]!r}) is empty: it gives no tokens"
+                         + (f" ({len(empty)} empty prompts in all)" if len(empty) > 1 else ""))
     return [list(x) for x in ids]
 
 

@@ -6,6 +6,7 @@ and what is wrong.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,17 @@ def split_answers(text: str) -> List[str]:
     return [a.strip() for a in text.split(";") if a.strip()]
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a file in another encoding is a DataFormatError naming the file and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataFormatError(path, f"line {line}, byte {exc.start}",
+                              f"not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
+
+
 def _csv_rows(reader, path) -> Iterator[list]:
     while True:
         try:
@@ -46,7 +58,7 @@ def load_truthfulqa(path: PathLike) -> List[MCItem]:
     Source; answers separated by `;`) → one `MCItem` per row, prompt `Q: {question} A:`."""
     path = Path(path)
     items: List[MCItem] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -104,8 +116,7 @@ def load_clutrr(path: PathLike) -> List[GenItem]:
     official `'s` prompt and the relation as the answer."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
+        records = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise DataFormatError(path, f"line {exc.lineno}, column {exc.colno}", f"bad JSON: {exc.msg}") from None
     if not isinstance(records, list):
@@ -125,7 +136,7 @@ def load_clutrr(path: PathLike) -> List[GenItem]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple]:
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(_read_text(path)) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

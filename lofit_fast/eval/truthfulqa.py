@@ -83,6 +83,9 @@ def truthfulqa_mc(
         correct, incorrect, best = _answers(item)
         if not incorrect:
             raise ValueError(f"truthfulqa_mc: item {n} ({item.question!r}) has no incorrect answers")
+        empty = [a for a in [best, *correct, *incorrect] if not a.strip()]
+        if empty:  # no tokens means log p = 0, above every real answer: it would always win
+            raise ValueError(f"truthfulqa_mc: item {n} ({item.question!r}) has an empty answer")
         groups.append(list(dict.fromkeys(correct + incorrect + [best])))
     pairs = [(prefix + item.prompt, truthfulqa_completion(a)) for item, group in zip(items, groups) for a in group]
     flat = iter(score_answers(model, tokenizer, pairs, batch_size=batch_size, progress=progress, desc="TruthfulQA MC"))

@@ -25,11 +25,24 @@ def _as_pairs(heads) -> List[Tuple[int, int]]:
     for row in heads:
         if len(row) != 2:
             raise ValueError(f"each head must be a (layer, head) pair, got {row!r}")
-        layer, head = row
-        if float(layer) != int(layer) or float(head) != int(head):
-            raise ValueError(f"(layer, head) must be integers, got {row!r}")
-        pairs.append((int(layer), int(head)))
+        pairs.append((_index(row[0], "layer", row), _index(row[1], "head", row)))
     return pairs
+
+
+def _index(value, what: str, where) -> int:
+    """An integral layer or head index; True / False (which Python counts as 1 / 0) and fractions refused."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{what} index must be an integer, got the boolean {value!r} in {where!r}")
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{what} index must be an integer, got the string {value!r} in {where!r}")
+    try:
+        as_int = int(value)
+        integral = float(value) == as_int
+    except (TypeError, ValueError):
+        integral = False
+    if not integral:
+        raise ValueError(f"{what} index must be an integer, got {value!r} in {where!r}")
+    return as_int
 
 
 def normalize_heads(heads: HeadSpec, sites: List[AttentionSite]) -> Dict[int, List[int]]:
@@ -39,7 +52,10 @@ def normalize_heads(heads: HeadSpec, sites: List[AttentionSite]) -> Dict[int, Li
             raise ValueError(f'heads must be "all", (layer, head) pairs or {{layer: [heads]}}, got {heads!r}')
         return {s.layer: list(range(s.num_heads)) for s in sites}
     if isinstance(heads, Mapping):
-        pairs = [(int(layer), int(h)) for layer, hs in heads.items() for h in hs]
+        # JSON object keys are strings: "3" names layer 3 there (and only there).
+        pairs = [(int(layer) if isinstance(layer, str) and layer.isdigit() else _index(layer, "layer", {layer: hs}),
+                  _index(h, "head", {layer: hs}))
+                 for layer, hs in heads.items() for h in hs]
     else:
         pairs = _as_pairs(heads)
     out: Dict[int, List[int]] = {}
