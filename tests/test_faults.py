@@ -68,3 +68,39 @@ def test_an_empty_prompt_is_named():
 
     with pytest.raises(ValueError, match=r"prompt 1 \(''\) is empty"):
         generate_greedy(tiny_llama(), byte_tokenizer(), ["Q: a A:", ""], max_new_tokens=2)
+
+
+def test_export_refuses_a_non_empty_folder_and_the_models_own(tmp_path):
+    model = lofit_fast.patch(tiny_model("llama"), [(0, 1)], init_std=0.1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        lofit_fast.export(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    lofit_fast.export(model, out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folder left
+    model.config._name_or_path = str(out)
+    with pytest.raises(FileExistsError, match="the folder the model was loaded from"):
+        lofit_fast.export(model, out, overwrite=True)
+
+
+def test_a_failed_export_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
+    import transformers
+
+    model = lofit_fast.patch(tiny_model("llama"), [(0, 1)], init_std=0.1)
+    out = tmp_path / "out"
+    lofit_fast.export(model, out)
+    before = sorted(p.name for p in out.iterdir())
+    real = transformers.PreTrainedModel.save_pretrained
+
+    def disk_full(self, path, **kwargs):
+        real(self, path, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        lofit_fast.export(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Set, Union
+from typing import Optional, Set, Union
 
 import torch
 import torch.nn as nn
@@ -108,6 +111,7 @@ def export(
     tokenizer=None,
     safe_serialization: bool = True,
     max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Save `model` with its interventions merged as a plain Hugging Face checkpoint (model safetensors,
     config.json, generation_config.json, and the tokenizer when given); returns the directory.
@@ -116,6 +120,10 @@ def export(
     logits. The caller's model is not changed: a patched model is merged on a copy that shares the base
     tensors (no extra memory beyond the merged o_proj weights). Offsets need an o_proj bias, which Hugging
     Face configs express only with `attention_bias=True`; that also adds q/k/v biases, written as zeros.
+
+    The checkpoint is written to a temporary folder beside `directory` and renamed into place at the end, so
+    a failure (a full disk) leaves no half-written checkpoint and whatever was there before. A non-empty
+    `directory` is refused unless `overwrite`; the folder the model was loaded from is always refused.
     """
     if not safe_serialization:
         raise ValueError("export writes safetensors only: pickle checkpoints can run arbitrary code when loaded")
@@ -125,14 +133,53 @@ def export(
         raise RuntimeError(
             "the model carries lofit_fast.hooks interventions, which export would drop; use lofit_fast.patch"
         )
+    directory = Path(directory)
+    check_export_target(model, directory, overwrite)
     work = copy_sharing_tensors(model)
     if patched_modules(work):
         merge(work)
     drop_dequantized_gguf_marker(work)
     express_biases_in_config(work)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    work.save_pretrained(directory, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.export-"))
+    try:
+        work.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        replace_folder(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return directory
+
+
+def model_source_folder(model: nn.Module) -> Optional[Path]:
+    """The local folder `model` was loaded from (its config's name_or_path), if it is one."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = Path(name)
+    return path.resolve() if name and path.is_dir() else None
+
+
+def check_export_target(model: nn.Module, directory: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target that is the model's own folder or a non-empty one (unless told)."""
+    source = model_source_folder(model)
+    if source is not None and directory.resolve() == source:
+        raise FileExistsError(f"{directory} is the folder the model was loaded from: exporting there would "
+                              "replace the base model's own files; choose another --out")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def replace_folder(staging: Path, directory: Path) -> None:
+    """Move a finished `staging` folder to `directory`, replacing any folder there (moved aside first, then
+    removed: a crash between the two renames leaves it, whole, as .{name}.old-*)."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    aside = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+    os.rmdir(aside)
+    os.replace(directory, aside)
+    os.replace(staging, directory)
+    shutil.rmtree(aside, ignore_errors=True)
