@@ -17,7 +17,8 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def _forward_parameters(model) -> set:
+def forward_parameters(model) -> set:
+    """The keyword arguments `model.forward` accepts (empty when it cannot be inspected)."""
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
@@ -50,7 +51,7 @@ def label_token_logprobs(
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX  # [B, T-1]: logits at t predict target[:, t]
     positions = mask.any(dim=0).nonzero().squeeze(1)  # logit positions needed by some row
-    accepted = _forward_parameters(model)
+    accepted = forward_parameters(model)
     kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no KV cache to build for one pass
     if "logits_to_keep" in accepted and positions.numel() > 0:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions, **kwargs).logits

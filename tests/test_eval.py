@@ -217,3 +217,22 @@ def test_paired_bootstrap_on_known_differences():
     assert shuffled["mean_diff"] == pytest.approx(0.0) and shuffled["ci_low"] < -0.1 < 0.1 < shuffled["ci_high"]
     with pytest.raises(ValueError, match="100 scores against 99"):
         paired_bootstrap(a, a[:99])
+
+
+def test_shared_prompt_scoring_equals_scoring_each_pair():
+    """Each prompt runs once and its KV cache serves all its answers: the same Σ log p as scoring every
+    (prompt, answer) pair alone, on a real model with left padding across questions of different lengths."""
+    from lofit_fast.data.prompts import truthfulqa_completion
+    from lofit_fast.eval.truthfulqa import score_answers, score_with_shared_prompts
+    from fixtures.tiny import byte_tokenizer, tiny_llama
+
+    model, tok = tiny_llama(seed=3), byte_tokenizer(add_bos=True)
+    prompts = ["Q: Why is the sky blue? A:", "Q: 2+2? A:", "Q: Who wrote Hamlet, and when? A:"]
+    answers = [["Rayleigh scattering", "It is not", "Because of the sea"], ["4", "five"],
+               ["Shakespeare", "Marlowe, 1590", "nobody", "a committee of monks"]]
+    comps = [[truthfulqa_completion(a) for a in group] for group in answers]
+    shared = score_with_shared_prompts(model, tok, prompts, comps, batch_tokens=60, progress=False)
+    alone = score_answers(model, tok, [(p, c) for p, cs in zip(prompts, comps) for c in cs], progress=False)
+    flat = [x for row in shared for x in row]
+    assert [len(r) for r in shared] == [3, 2, 4]
+    assert max(abs(a - b) for a, b in zip(flat, alone)) < 1e-5

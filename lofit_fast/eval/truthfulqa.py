@@ -10,8 +10,13 @@ the official files lists it among them; if an item does not, it is scored separa
 Differences from the official LoFiT evaluation (TruthfulQA's code through ITI's `tqa_run_probs`), on
 purpose: each answer is scored after the training prompt `Q: {question} A:` + ` {answer}` (the ITI
 `format_truthfulqa` form) instead of after an instruction and the 6-shot QA primer, and answers are scored
-as written in the CSV instead of with a period appended. The pairs are batched (sorted by length, right
-padded) instead of scored one by one. `prefix` puts any instruction or primer before every prompt.
+as written in the CSV instead of with a period appended. `prefix` puts any instruction or primer before
+every prompt.
+
+Scoring reads each question's prompt once: `score_with_shared_prompts` runs a batch of left-padded prompts
+with the KV cache on, repeats each prompt's cache for its answers, and scores all the answers in one more
+forward (the prompt's last logits predict each answer's first token). The result equals scoring every
+(prompt, answer) pair on its own (`score_answers`) to float rounding.
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..data.collate import collate_sft
+from ..data.collate import collate_sft, encode_completions, encode_prompts, pad_left, pad_right, pad_token_id
 from ..data.items import MCItem, SFTExample
 from ..data.prompts import truthfulqa_completion
-from ..losses import sequence_logprobs
+from ..losses import forward_parameters, sequence_logprobs
 from ._common import eval_mode, progress_bar
 
 
@@ -67,12 +72,82 @@ def score_answers(
     return scores  # type: ignore[return-value]
 
 
+def _answer_logprobs(logits: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ over each row's answer tokens of log p(token): logits [R, L, V] (position t predicts token t)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    picked = logits.log_softmax(-1).gather(2, answers.unsqueeze(2)).squeeze(2)
+    return (picked * mask).sum(1)
+
+
+def score_with_shared_prompts(
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[str]], *, batch_tokens: int = 2048,
+    max_rows: int = 64, progress: bool = True, desc: str = "scoring answers",
+) -> List[List[float]]:
+    """Σ log p(answer tokens | prompt) for every answer of every prompt, the prompt run once per question.
+
+    Prompts are taken in batches of about `batch_tokens` prompt + answer tokens and at most `max_rows` answers
+    (one question at least; longest prompts first), left-padded
+    with explicit position ids; each prompt's KV cache is repeated for its answers, which run right-padded in
+    a second forward. Tokenization is the training one (prompt and answer tokenized apart and joined)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    if not {"past_key_values", "position_ids", "logits_to_keep"} <= forward_parameters(model):
+        # A model without a KV cache interface: every (prompt, answer) pair on its own.
+        flat = iter(score_answers(model, tokenizer, [(p, a) for p, group in zip(prompts, answers) for a in group],
+                                  batch_size=max_rows, progress=progress, desc=desc))
+        return [[next(flat) for _ in group] for group in answers]
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    answer_ids = [encode_completions(tokenizer, list(a), add_eos=False) for a in answers]
+    for q, ids in enumerate(answer_ids):
+        for j, a in enumerate(ids):
+            if not a:
+                raise ValueError(f"prompt {q}: answer {j} ({answers[q][j]!r}) has no tokens to score")
+    cost = [len(p) * len(a) + sum(len(x) for x in a) for p, a in zip(prompt_ids, answer_ids)]
+    order = sorted(range(len(prompts)), key=lambda q: len(prompt_ids[q]), reverse=True)
+    pad = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    out: List[List[float]] = [[] for _ in prompts]
+    with eval_mode(model), torch.no_grad(), progress_bar(len(prompts), desc, progress) as bar:
+        start = 0
+        while start < len(order):
+            batch, used, rows = [], 0, 0
+            while start < len(order) and (not batch or (used + cost[order[start]] <= batch_tokens
+                                                        and rows + len(answer_ids[order[start]]) <= max_rows)):
+                batch.append(order[start])
+                used += cost[order[start]]
+                rows += len(answer_ids[order[start]])
+                start += 1
+            p_rows = [prompt_ids[q] for q in batch]
+            p_ids = pad_left(p_rows, pad).to(device)
+            p_mask = pad_left([[1] * len(r) for r in p_rows], 0).to(device)
+            p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+            first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                          logits_to_keep=1)
+            owner = torch.tensor([i for i, q in enumerate(batch) for _ in answer_ids[q]], device=device)
+            a_rows = [a for q in batch for a in answer_ids[q]]
+            a_ids = pad_right(a_rows, pad).to(device)
+            a_mask = pad_right([[1] * len(r) for r in a_rows], 0).to(device)
+            cache = first.past_key_values
+            cache.batch_select_indices(owner)
+            lengths = p_mask.sum(1)[owner]
+            a_pos = lengths[:, None] + torch.arange(a_ids.shape[1], device=device)[None, :]
+            rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos,
+                         past_key_values=cache, use_cache=True).logits
+            logits = torch.cat([first.logits[owner][:, -1:], rest[:, :-1]], 1)
+            scores = _answer_logprobs(logits, a_ids, a_mask.to(logits.dtype)).tolist()
+            for row, i in enumerate(owner.tolist()):
+                out[batch[i]].append(scores[row])
+            bar.update(len(batch))
+    return out
+
+
 def truthfulqa_mc(
     model, tokenizer, items: Sequence[MCItem], *, batch_size: int = 16, progress: bool = True, prefix: str = "",
     return_items: bool = False,
 ) -> Dict[str, object]:
     """{"mc1", "mc2"} over `items` (see the module docstring); the model is scored in eval mode under no_grad
-    and put back in its previous mode. `batch_size` counts (question, answer) pairs. With `return_items`,
+    and put back in its previous mode. `batch_size` caps the answers scored in one forward (each question's
+    prompt runs once, see `score_with_shared_prompts`). With `return_items`,
     also "items": [{"mc1", "mc2"}] per question (for paired comparisons)."""
     if len(items) == 0:
         raise ValueError("truthfulqa_mc: no items to evaluate")
@@ -87,8 +162,12 @@ def truthfulqa_mc(
         if empty:  # no tokens means log p = 0, above every real answer: it would always win
             raise ValueError(f"truthfulqa_mc: item {n} ({item.question!r}) has an empty answer")
         groups.append(list(dict.fromkeys(correct + incorrect + [best])))
-    pairs = [(prefix + item.prompt, truthfulqa_completion(a)) for item, group in zip(items, groups) for a in group]
-    flat = iter(score_answers(model, tokenizer, pairs, batch_size=batch_size, progress=progress, desc="TruthfulQA MC"))
+    scored = score_with_shared_prompts(
+        model, tokenizer, [prefix + item.prompt for item in items],
+        [[truthfulqa_completion(a) for a in group] for group in groups],
+        max_rows=max(batch_size, 1), progress=progress, desc="TruthfulQA MC",
+    )
+    flat = iter(x for row in scored for x in row)
     per_item = []
     for item, group in zip(items, groups):
         score = {a: next(flat) for a in group}
