@@ -5,7 +5,8 @@ PTX assembled by the ptxas that ships with Triton (`-arch=sm_90a -v`), and the T
 Per variant: wgmma used (warp_group_dot in TTGIR), ptxas's serialized-wgmma warning (C7515), spill bytes,
 registers, shared memory, the number of shared-memory buffers of each GEMM operand (x or dy, and W) that the
 software pipeliner allocated, and scalar 16-bit global loads in the PTX (a W or x tile that is not
-vectorized, hence not pipelined). With --cuda, the CUDA kernels of csrc/cuda too (nvcc -Xptxas -v).
+vectorized, hence not pipelined). Then, where nvcc is installed, the CUDA kernels of csrc/cuda (registers, spills
+and shared memory from nvcc -Xptxas -v, by bench/sm90_cuda.py; --no-cuda skips them).
 
     python bench/sm90_report.py            # the table
     python bench/sm90_report.py --json     # one JSON record per variant
@@ -311,10 +312,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 unless every hot-path variant meets: "
                     + "; ".join(REQUIREMENTS))
     ap.add_argument("--dtypes", default="bf16,fp16")
-    ap.add_argument("--cuda", action="store_true", help="also the CUDA kernels of csrc/cuda (nvcc -Xptxas -v)")
+    ap.add_argument("--no-cuda", dest="cuda", action="store_false",
+                    help="skip the CUDA kernels of csrc/cuda (compiled with nvcc -Xptxas -v when nvcc is found)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="variants compiled in parallel")
     args = ap.parse_args(argv)
-    records = report(tuple(args.dtypes.split(",")), with_cuda=args.cuda, jobs=args.jobs)
+    records = report(tuple(args.dtypes.split(",")), with_cuda=args.cuda and shutil.which("nvcc") is not None,
+                     jobs=args.jobs)
     if args.json:
         for r in records:
             print(json.dumps(r))

@@ -21,32 +21,49 @@ FixedGrads fill_missing(const lofit::Grads& g, const at::Tensor& dy) {
           or_empty(std::get<2>(g), dy.options().dtype(acc))};
 }
 
-template <lofit::Grads (*Backward)(const at::Tensor&, const lofit::OptTensor&, const at::Tensor&, const at::Tensor&,
-                                   const lofit::OptTensor&, int64_t, bool, bool, bool)>
-FixedGrads backward_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, const at::Tensor& weight,
-                       const at::Tensor& heads, const lofit::OptTensor& A, int64_t head_dim, bool need_dx,
-                       bool need_dA, bool need_dv) {
-  return fill_missing(Backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv), dy);
+// The ops' trailing optional arguments are operands the CUDA kernels can take precomputed (lofit.h); the CPU
+// kernels compute everything themselves and ignore them.
+at::Tensor forward_cpu_op(const at::Tensor& x, const at::Tensor& weight, const lofit::OptTensor& bias,
+                          const at::Tensor& heads, const lofit::OptTensor& A, const lofit::OptTensor& v,
+                          int64_t head_dim, const lofit::OptTensor& /*slots*/, const lofit::OptTensor& /*weight_sel*/,
+                          const lofit::OptTensor& /*bias_fold*/, const lofit::OptTensor& /*bias_fold_acc*/) {
+  return lofit::forward_cpu(x, weight, bias, heads, A, v, head_dim);
 }
+
+FixedGrads backward_cpu_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, const at::Tensor& weight,
+                           const at::Tensor& heads, const lofit::OptTensor& A, int64_t head_dim, bool need_dx,
+                           bool need_dA, bool need_dv, const lofit::OptTensor& /*weight_sel*/) {
+  return fill_missing(lofit::backward_cpu(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv), dy);
+}
+
+#ifdef LOFIT_WITH_CUDA
+FixedGrads backward_cuda_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, const at::Tensor& weight,
+                            const at::Tensor& heads, const lofit::OptTensor& A, int64_t head_dim, bool need_dx,
+                            bool need_dA, bool need_dv, const lofit::OptTensor& weight_sel) {
+  return fill_missing(
+      lofit::backward_cuda(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv, weight_sel), dy);
+}
+#endif
 
 }  // namespace
 
 TORCH_LIBRARY(lofit_fast, m) {
   m.def("head_affine_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor heads, Tensor? A, Tensor? v, "
-        "int head_dim) -> Tensor");
+        "int head_dim, Tensor? slots=None, Tensor? weight_sel=None, Tensor? bias_fold=None, "
+        "Tensor? bias_fold_acc=None) -> Tensor");
   m.def("head_affine_bwd(Tensor dy, Tensor? x_sel, Tensor weight, Tensor heads, Tensor? A, int head_dim, "
-        "bool need_dx, bool need_dA, bool need_dv) -> (Tensor, Tensor, Tensor)");
+        "bool need_dx, bool need_dA, bool need_dv, Tensor? weight_sel=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lofit_fast, CPU, m) {
-  m.impl("head_affine_fwd", &lofit::forward_cpu);
-  m.impl("head_affine_bwd", &backward_op<&lofit::backward_cpu>);
+  m.impl("head_affine_fwd", &forward_cpu_op);
+  m.impl("head_affine_bwd", &backward_cpu_op);
 }
 
 #ifdef LOFIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(lofit_fast, CUDA, m) {
   m.impl("head_affine_fwd", &lofit::forward_cuda);
-  m.impl("head_affine_bwd", &backward_op<&lofit::backward_cuda>);
+  m.impl("head_affine_bwd", &backward_cuda_op);
 }
 #endif
 
@@ -59,10 +76,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_dA"), py::arg("need_dv"));
 #ifdef LOFIT_WITH_CUDA
   m.def("forward_cuda", &lofit::forward_cuda, "head-affine linear forward (CUDA)", py::arg("x"), py::arg("weight"),
-        py::arg("bias"), py::arg("heads"), py::arg("A"), py::arg("v"), py::arg("head_dim"));
+        py::arg("bias"), py::arg("heads"), py::arg("A"), py::arg("v"), py::arg("head_dim"),
+        py::arg("slots") = py::none(), py::arg("weight_sel") = py::none(), py::arg("bias_fold") = py::none(),
+        py::arg("bias_fold_acc") = py::none());
   m.def("backward_cuda", &lofit::backward_cuda, "head-affine linear backward (CUDA)", py::arg("dy"),
         py::arg("x_sel"), py::arg("weight"), py::arg("heads"), py::arg("A"), py::arg("head_dim"),
-        py::arg("need_dx"), py::arg("need_dA"), py::arg("need_dv"));
+        py::arg("need_dx"), py::arg("need_dA"), py::arg("need_dv"), py::arg("weight_sel") = py::none());
+  // The prepared operands (lofit.h), built once per parameter version by lofit_fast/ops/cuda_backend.py.
+  m.def("head_slots_cuda", &lofit::head_slots_cuda, "int32 [num_heads]: k for heads[k], -1 for other heads",
+        py::arg("heads"), py::arg("num_heads"));
+  m.def("selected_weight_cuda", &lofit::selected_weight_cuda, "weight[:, selected columns] [D_out, K*head_dim]",
+        py::arg("weight"), py::arg("heads"), py::arg("head_dim"));
+  m.def("folded_bias_cuda", &lofit::folded_bias_cuda,
+        "(bias + v W_S^T in weight's dtype, the same in float32 / float64)", py::arg("weight"), py::arg("bias"),
+        py::arg("heads"), py::arg("v"), py::arg("head_dim"));
+  m.def("forward_path_cuda", &lofit::forward_path_cuda,
+        "the forward path for these operands: linear, decode, materialize or gemm", py::arg("x"), py::arg("weight"),
+        py::arg("K"), py::arg("head_dim"), py::arg("has_A"), py::arg("has_v"));
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

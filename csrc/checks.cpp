@@ -80,6 +80,9 @@ void check_backward_inputs(const at::Tensor& dy, const OptTensor& x_sel, const a
     TORCH_CHECK(A->dim() == 2 && A->size(0) == K && A->size(1) == head_dim, "A must be [", K, ", ", head_dim,
                 "], got ", A->sizes());
     TORCH_CHECK(A->device() == dy.device(), "A is on ", A->device(), " but dy is on ", dy.device());
+    // As in the forward: float32, or x's dtype (which is dy's and weight's).
+    TORCH_CHECK(A->scalar_type() == at::kFloat || A->scalar_type() == dy.scalar_type(),
+                "A must be float32 or x's dtype (", dy.scalar_type(), "), got ", A->scalar_type());
   }
 }
 

@@ -8,7 +8,9 @@
 //           -> (dx [N, H*d]?, dA [K, d] float32?, dv [K, d] float32?)
 //
 // The same functions are registered as the torch ops lofit_fast::head_affine_fwd / head_affine_bwd
-// (bindings.cpp), with CPU and CUDA kernels, so torch.compile and CUDA graphs see them as single ops.
+// (bindings.cpp), with CPU and CUDA kernels, so torch.compile and CUDA graphs see them as single ops. The ops'
+// trailing optional arguments (slots, weight_sel, bias_fold, bias_fold_acc; weight_sel for the backward) are
+// operands the CUDA kernels can take precomputed; the CPU kernels do not use them.
 #pragma once
 
 // ATen only (not torch/extension.h): this header is also compiled by nvcc, where pybind11 and the
@@ -16,6 +18,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace lofit {
@@ -40,10 +43,26 @@ Grads backward_cpu(const at::Tensor& dy, const OptTensor& x_sel, const at::Tenso
 #ifdef LOFIT_WITH_CUDA
 // Same contract as the CPU functions. Head values on the device are checked by the kernels
 // (a device-side assert, like torch's own index ops) so that no call synchronizes with the host.
+// The trailing optional arguments are operands prepared from the parameters alone, which the op otherwise
+// computes on every call (see csrc/cuda/head_affine_cuda.cu; lofit_fast/ops/cuda_backend.py caches them):
+//   slots          int32 [H], head -> slot (-1 unselected)            head_slots_cuda(heads, H)
+//   weight_sel     [D_out, K*d] = weight[:, selected columns]          selected_weight_cuda(weight, heads, d)
+//   bias_fold,     bias + v W_S^T in x's dtype and in the accumulation folded_bias_cuda(weight, bias, heads, v, d)
+//   bias_fold_acc  type (float32; float64 for float64), given together, only with v
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& heads,
-                        const OptTensor& A, const OptTensor& v, int64_t head_dim);
+                        const OptTensor& A, const OptTensor& v, int64_t head_dim, const OptTensor& slots,
+                        const OptTensor& weight_sel, const OptTensor& bias_fold, const OptTensor& bias_fold_acc);
 Grads backward_cuda(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight, const at::Tensor& heads,
-                    const OptTensor& A, int64_t head_dim, bool need_dx, bool need_dA, bool need_dv);
+                    const OptTensor& A, int64_t head_dim, bool need_dx, bool need_dA, bool need_dv,
+                    const OptTensor& weight_sel);
+
+at::Tensor head_slots_cuda(const at::Tensor& heads, int64_t num_heads);
+at::Tensor selected_weight_cuda(const at::Tensor& weight, const at::Tensor& heads, int64_t head_dim);
+std::tuple<at::Tensor, at::Tensor> folded_bias_cuda(const at::Tensor& weight, const OptTensor& bias,
+                                                    const at::Tensor& heads, const at::Tensor& v, int64_t head_dim);
+// The forward path the op takes for these operands: "linear", "decode", "materialize" or "gemm".
+std::string forward_path_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t K, int64_t head_dim, bool has_A,
+                              bool has_v);
 #endif
 
 }  // namespace lofit

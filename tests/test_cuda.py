@@ -76,6 +76,50 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     print(f"nvcc compiled {len(CUDA_SOURCES)} sources for sm_80 + sm_90 in {time.monotonic() - start:.1f}s")
 
 
+def test_sm90_kernel_report_has_no_spills():
+    """bench/sm90_cuda.py: every kernel compiled for sm_90a, registers / spills / shared memory from ptxas."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA sources cannot be compiled")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sm90_cuda
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    records = sm90_cuda.cuda_kernel_report("sm_90a", nvcc=nvcc)
+    kernels = {r["kernel"] for r in records}
+    assert {"decode_gemv_kernel", "materialize_kernel", "gather_scale_kernel", "bias_row_kernel",
+            "head_reduce_kernel", "finish_partials_kernel", "head_slots_kernel"} <= kernels, kernels
+    for r in records:
+        assert set(r) >= {"kernel", "variant", "registers", "spill_bytes", "shared_bytes", "warnings"}
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0, r
+        assert 0 < r["registers"] <= 255 and not r["warnings"], r
+    gemv = [r for r in records if r["kernel"] == "decode_gemv_kernel"]
+    assert len(gemv) == 15  # float32, bfloat16, float16 x N-tiles 1, 2, 4, 8, 16
+    assert max(r["registers"] for r in gemv) <= 200  # the double buffer leaves room for 2+ blocks per SM
+
+
+def test_sm90_report_parser():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import sm90_cuda
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    text = textwrap.dedent("""\
+        ptxas info    : Compiling entry function '_Z3fooILi4EEvPf' for 'sm_90a'
+        ptxas info    : Function properties for _Z3fooILi4EEvPf
+            16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 380 bytes cmem[0]
+        ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90a'
+        ptxas info    : Function properties for _Z3barPf
+            0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 12 registers, used 0 barriers, 360 bytes cmem[0]
+    """)
+    recs = sm90_cuda.parse_ptxas(text, "sm_90a")
+    assert [(r["kernel"], r["variant"], r["registers"], r["spill_bytes"], r["shared_bytes"], r["stack_bytes"])
+            for r in recs] == [("foo", "4", 40, 12, 2048, 16), ("bar", "", 12, 0, 0, 0)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2. GPU: the kernels against float64
 
@@ -375,6 +419,243 @@ def test_compiles_fullgraph_on_cuda():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+# ------------------------------------------------------------------------------------------------------------
+# 2b. GPU: the prepared operands (slot table, W_S, folded bias) cached per parameter version
+
+
+def _cuda_backend():
+    from lofit_fast.ops.cuda_backend import BACKEND
+
+    return BACKEND
+
+
+def _params(A, v):
+    return (None if A is None else nn.Parameter(A)), (None if v is None else nn.Parameter(v))
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "N,heads,mode",
+    [
+        (1, [0, 3], "both"),  # decode GEMV
+        (1, [2], "offset"),  # decode GEMV, v folded into the float32 bias: one kernel
+        (256, [2], "both"),  # thin GEMM: W_S and the folded bias cached
+        (256, [1, 5], "offset"),  # one GEMM with the cached folded bias
+        (256, list(range(8)), "both"),  # materialized x' (slot table cached)
+    ],
+)
+def test_prepared_operands_are_cached_and_refreshed(N, heads, mode):
+    """Second call: cache hits and the same result. Then v, A, heads and the weight are changed in place: every
+    call still equals the float64 reference of the current values."""
+    be = _cuda_backend()
+    x, W, b, h, A, v = make_inputs(N, 8, 64, 96, heads, torch.bfloat16, A=mode != "offset", v=mode != "scale")
+    A, v = _params(A, v)
+    tol = OUT_TOL[torch.bfloat16]
+
+    def run():
+        with torch.no_grad():
+            return lofit_fast.head_affine_linear(x, W, b, h, A, v, 64, backend="cuda")
+
+    def ref():
+        return reference_forward(x, W, b, h.cpu(), A, v, 64)
+
+    caches = (be.slots, be.weight_sel, be.bias_fold)
+    y1 = run()
+    hits = [c.hits for c in caches]
+    y2 = run()
+    assert torch.equal(y1, y2)
+    assert sum(c.hits for c in caches) > sum(hits), "the second call did not hit any cache"
+    assert rel_err(y2, ref()) < tol
+    with torch.no_grad():
+        v.add_(0.5)  # in place: the folded bias must be rebuilt
+    assert rel_err(run(), ref()) < tol
+    if A is not None:
+        with torch.no_grad():
+            A.mul_(-1.5)  # A is never cached, but must not be served stale either
+        assert rel_err(run(), ref()) < tol
+    new_heads = [(k + 1) % 8 for k in heads]
+    with torch.no_grad():
+        h.copy_(torch.tensor(sorted(new_heads), device="cuda"))  # the slot table, W_S and the fold all depend on it
+    assert rel_err(run(), ref()) < tol
+    with torch.no_grad():
+        W.mul_(0.5)
+    assert rel_err(run(), ref()) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("N,mode", [(1, "both"), (1, "offset"), (256, "both"), (256, "offset"), (40, "both")])
+def test_prepared_operands_match_the_direct_op(N, mode):
+    """The op called directly (everything computed on the spot) and with the prepared operands agree: bit for
+    bit on the GEMM paths (the same kernels, the same roundings), to bf16 tolerance in the decode GEMV (there the
+    folded bias adds v W_S^T in float32 instead of through x')."""
+    be = _cuda_backend()
+    x, W, b, h, A, v = make_inputs(N, 8, 64, 80, [1, 6], torch.bfloat16, A=mode != "offset")
+    direct = native_ops().head_affine_fwd(x, W, b, h, A, v, 64)
+    prepared = be._prepared_forward(x, W, b, h, A, v, 64)
+    assert prepared[0] is not None or A is None and N > 16
+    with_prepared = native_ops().head_affine_fwd(x, W, b, h, A, v, 64, *prepared)
+    if N > 16:
+        assert torch.equal(direct, with_prepared)
+    assert rel_err(with_prepared, reference_forward(x, W, b, h.cpu(), A, v, 64)) < OUT_TOL[torch.bfloat16]
+
+
+@needs_cuda
+def test_cached_decode_launches_one_kernel():
+    be = _cuda_backend()
+    x, W, b, h, A, v = make_inputs(1, 8, 64, 128, [2, 5], torch.bfloat16)
+    A, v = _params(A, v)
+    fn = lambda: be.forward(x, W, b, h, A, v, 64)  # noqa: E731
+    fn()  # builds the slot table and the folded bias
+    names = kernel_names(fn)
+    assert len(names) == 1 and "decode_gemv" in next(iter(names)), names
+    fn_v = lambda: be.forward(x, W, b, h, None, v, 64)  # noqa: E731
+    fn_v()
+    assert kernel_names(fn_v) == names
+
+
+@needs_cuda
+def test_cached_offset_gemm_is_one_gemm():
+    be = _cuda_backend()
+    x, W, b, h, _, v = make_inputs(512, 8, 64, 256, [1, 2], torch.bfloat16, A=False)
+    v = nn.Parameter(v)
+    fn = lambda: be.forward(x, W, b, h, None, v, 64)  # noqa: E731
+    fn()
+    names = kernel_names(fn)
+    assert not any("bias_row" in k or "lofit" in k for k in names), names  # only cuBLAS
+
+
+@needs_cuda
+def test_folded_bias_keeps_float32_in_the_decode_gemv():
+    """b = 256 and v W_S^T = 0.25, below bf16's resolution at 256 (ulp 2), and x W^T = -256 cancels b. The decode
+    GEMV adds the float32 fold before its one rounding: y = 0.25 exactly. The GEMM path adds the fold rounded to
+    bf16 once (documented): y within half an ulp of f = 256.25, i.e. |y - 0.25| <= 1."""
+    be = _cuda_backend()
+    H, d, D_out = 4, 64, 32
+    C = H * d
+    for N in (1, 64):
+        x = torch.zeros(N, C, device="cuda", dtype=torch.bfloat16)
+        x[:, 0] = 1.0  # head 0, not selected
+        W = torch.zeros(D_out, C, device="cuda", dtype=torch.bfloat16)
+        W[:, 0] = -256.0
+        W[:, 2 * d] = 1.0  # head 2, selected
+        b = torch.full((D_out,), 256.0, device="cuda", dtype=torch.bfloat16)
+        h = torch.tensor([2], device="cuda")
+        v = torch.zeros(1, d, device="cuda")
+        v[0, 0] = 0.25
+        v = nn.Parameter(v)
+        fold, fold_acc = _C_mod().folded_bias_cuda(W, b, h, v.detach(), d)
+        assert torch.all(fold_acc == 256.25) and torch.all(fold == 256.0)
+        y = be.forward(x, W, b, h, None, v, d)
+        ref = reference_forward(x, W, b, h.cpu(), None, v, d)
+        assert torch.allclose(ref, torch.full_like(ref, 0.25))
+        if N == 1:
+            assert torch.all(y.float() == 0.25), y
+        else:
+            assert torch.all((y.float() - 0.25).abs() <= 1.0), y
+
+
+def _C_mod():
+    from lofit_fast import _C
+
+    return _C
+
+
+@needs_cuda
+def test_folded_bias_is_float32_accurate():
+    x, W, b, h, _, v = make_inputs(1, 8, 64, 300, [0, 4, 7], torch.bfloat16, A=False)
+    fold, fold_acc = _C_mod().folded_bias_cuda(W, b, h, v, 64)
+    cols = torch.cat([torch.arange(k * 64, (k + 1) * 64) for k in (0, 4, 7)]).cuda()
+    want = b.double() + W.double()[:, cols] @ v.double().reshape(-1)
+    assert fold_acc.dtype == torch.float32 and fold.dtype == torch.bfloat16
+    assert (fold_acc.double() - want).abs().max().item() < 1e-5 * want.abs().max().item()
+    assert torch.equal(fold, fold_acc.to(torch.bfloat16))  # rounded once
+
+
+@needs_cuda
+def test_head_slots_table():
+    h = torch.tensor([1, 4, 6], device="cuda")
+    slots = _C_mod().head_slots_cuda(h, 8)
+    assert slots.dtype == torch.int32 and slots.tolist() == [-1, 0, -1, -1, 1, -1, 2, -1]
+
+
+@needs_cuda
+def test_backward_without_dx_uses_the_cached_weight_sel():
+    be = _cuda_backend()
+    x, W, b, h, A, v = make_inputs(300, 8, 64, 96, [3, 6], torch.bfloat16)
+    A, v = _params(A, v)
+    before = be.weight_sel.hits + be.weight_sel.misses
+    for _ in range(2):
+        y = lofit_fast.head_affine_linear(x, W, b, h, A, v, 64, backend="cuda")
+        dy = torch.randn_like(y)
+        dA, dv = torch.autograd.grad(y, [A, v], dy)
+        _, ref_dA, ref_dv = reference_grads(x, W, h.cpu(), A, v, 64, dy)
+        assert rel_err(dA, ref_dA) < GRAD_TOL[torch.bfloat16] and rel_err(dv, ref_dv) < GRAD_TOL[torch.bfloat16]
+    assert be.weight_sel.hits + be.weight_sel.misses > before and be.weight_sel.hits > 0
+
+
+@needs_cuda
+def test_nothing_is_cached_for_inference_tensors():
+    be = _cuda_backend()
+    with torch.inference_mode():
+        x, W, b, h, A, v = make_inputs(1, 8, 64, 64, [3], torch.bfloat16)
+        n = len(be.bias_fold)
+        y = be.forward(x, W, b, h, A, v, 64)
+        assert len(be.bias_fold) == n
+    assert rel_err(y, reference_forward(x, W, b, h.cpu(), A, v, 64)) < OUT_TOL[torch.bfloat16]
+
+
+@needs_cuda
+@pytest.mark.parametrize("N", [1, 256])
+def test_nothing_is_cached_under_cuda_graph_capture(N):
+    """Captured with fresh parameters: the capture computes the prepared operands itself (nothing is cached from
+    inside the capture), and a replay after an in-place change of v uses the new v."""
+    be = _cuda_backend()
+    stream = torch.cuda.Stream()  # warm up cuBLAS and the allocator on other tensors of the same shapes
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        be.forward(*make_inputs(N, 8, 64, 64, [3, 4], torch.bfloat16), 64)
+    torch.cuda.current_stream().wait_stream(stream)
+    x, W, b, h, A, v = make_inputs(N, 8, 64, 64, [3, 4], torch.bfloat16)
+    sizes = [len(c) for c in (be.slots, be.weight_sel, be.bias_fold)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = be.forward(x, W, b, h, A, v, 64)
+    assert [len(c) for c in (be.slots, be.weight_sel, be.bias_fold)] == sizes
+    v.add_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, reference_forward(x, W, b, h.cpu(), A, v, 64)) < OUT_TOL[torch.bfloat16]
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (dict(slots=torch.zeros(7, dtype=torch.int32)), r"slots must be a contiguous int32 \[8\]"),
+        (dict(slots=torch.zeros(8, dtype=torch.int64)), "slots must be a contiguous int32"),
+        (dict(weight_sel=torch.zeros(5, 63)), r"weight_sel must be weight's selected columns \[D_out, K\*head_dim\]"),
+        (dict(bias_fold=torch.zeros(5)), "bias_fold and bias_fold_acc are passed together"),
+        (dict(bias_fold=torch.zeros(5), bias_fold_acc=torch.zeros(5, dtype=torch.float64)),
+         "bias_fold_acc must be a contiguous"),
+    ],
+)
+def test_prepared_operand_errors_name_the_problem(extra, match):
+    x, W, b, h, A, v = make_inputs(20, 8, 64, 5, [1], torch.float32)
+    args = {k: t.cuda() for k, t in extra.items()}
+    with pytest.raises(RuntimeError, match=match):
+        _C_mod().forward_cuda(x, W, b, h, A, v, 64, **args)
+
+
+@needs_cuda
+def test_backward_checks_the_dtype_of_A():
+    x, W, b, h, A, v = make_inputs(3, 2, 64, 5, [1], torch.float32)
+    dy = torch.zeros(3, 5, device="cuda")
+    with pytest.raises(RuntimeError, match=r"A must be float32 or x's dtype \(Float\), got Double"):
+        _C_mod().backward_cuda(dy, x[:, 64:], W, h, A.double(), 64, True, True, True)
+    with pytest.raises(RuntimeError, match="A must be float32 or x's dtype"):
+        native_ops().head_affine_bwd(dy, x[:, 64:], W, h, A.half(), 64, True, True, True)
+
+
 SANITIZER_SCRIPT = """
 import torch, lofit_fast
 torch.manual_seed(0)
@@ -443,6 +724,33 @@ def test_native_ops_pass_opcheck(with_bias, with_A, with_v):
     x_sel = x[:, torch.cat([torch.arange(k * d, (k + 1) * d) for k in h.tolist()])]
     for need in [(True, with_A, with_v), (False, with_A, True), (False, False, True)]:
         torch.library.opcheck(ops.head_affine_bwd.default, (dy, x_sel, W, h, A if with_A else None, d, *need))
+
+
+def test_native_ops_pass_opcheck_with_prepared_operands():
+    """The schema's trailing optional operands (used by the CUDA kernels, ignored on the CPU) trace and fake
+    consistently."""
+    x, W, b, h, A, v, d = _cpu_case()
+    H, K, D_out = x.shape[1] // d, h.numel(), W.shape[0]
+    slots = torch.full((H,), -1, dtype=torch.int32)
+    slots[h] = torch.arange(K, dtype=torch.int32)
+    cols = torch.cat([torch.arange(k * d, (k + 1) * d) for k in h.tolist()])
+    w_sel = W[:, cols].contiguous()
+    fold_acc = b + w_sel @ v.reshape(-1)
+    ops = native_ops()
+    fwd_args = (x, W, b, h, A, v, d, slots, w_sel, fold_acc.clone(), fold_acc)
+    torch.library.opcheck(ops.head_affine_fwd.default, fwd_args)
+    assert torch.equal(ops.head_affine_fwd(*fwd_args), ops.head_affine_fwd(x, W, b, h, A, v, d))
+    dy = torch.randn(x.shape[0], D_out)
+    torch.library.opcheck(ops.head_affine_bwd.default, (dy, x[:, cols], W, h, A, d, False, True, True, w_sel))
+
+
+def test_backward_op_checks_the_dtype_of_A():
+    x, W, b, h, A, v, d = _cpu_case()
+    dy = torch.randn(x.shape[0], W.shape[0])
+    x_sel = x[:, torch.cat([torch.arange(k * d, (k + 1) * d) for k in h.tolist()])]
+    with pytest.raises(RuntimeError, match=r"A must be float32 or x's dtype \(Float\), got Half"):
+        native_ops().head_affine_bwd(dy, x_sel, W, h, A.half(), d, True, True, True)
+    native_ops().head_affine_bwd(dy.double(), x_sel.double(), W.double(), h, A.double(), d, True, True, True)
 
 
 def test_backward_op_returns_empty_tensors_for_unrequested_gradients():

@@ -26,14 +26,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _register_fakes() -> None:
+    # The trailing optional arguments (slots, weight_sel, bias_fold, bias_fold_acc; weight_sel for the backward)
+    # are operands the CUDA kernels can take precomputed (csrc/lofit.h); they do not change the outputs' metadata.
     @torch.library.register_fake("lofit_fast::head_affine_fwd")
-    def _fwd_fake(x, weight, bias, heads, A, v, head_dim):
+    def _fwd_fake(x, weight, bias, heads, A, v, head_dim, slots=None, weight_sel=None, bias_fold=None,
+                  bias_fold_acc=None):
         torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
         torch._check(x.shape[1] == weight.shape[1], lambda: f"weight must be [D_out, {x.shape[1]}]")
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("lofit_fast::head_affine_bwd")
-    def _bwd_fake(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
+    def _bwd_fake(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv, weight_sel=None):
         acc = _acc_dtype(dy.dtype)
         K = heads.shape[0]
         dx = dy.new_empty((dy.shape[0], weight.shape[1]) if need_dx else (0,))
@@ -42,13 +45,22 @@ def _register_fakes() -> None:
         return dx, dA, dv
 
 
-def call_forward(x, weight, bias, heads, A, v, head_dim):
-    return native_ops().head_affine_fwd(x, weight, bias, heads, A, v, head_dim)
+def call_forward(x, weight, bias, heads, A, v, head_dim, slots=None, weight_sel=None, bias_fold=None,
+                 bias_fold_acc=None):
+    """The forward op; the optional prepared operands are the CUDA backend's (cuda_backend.py)."""
+    if slots is None and weight_sel is None and bias_fold is None:
+        return native_ops().head_affine_fwd(x, weight, bias, heads, A, v, head_dim)
+    return native_ops().head_affine_fwd(x, weight, bias, heads, A, v, head_dim, slots, weight_sel, bias_fold,
+                                        bias_fold_acc)
 
 
-def call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
+def call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv, weight_sel=None):
     """The op returns empty tensors for gradients not asked for; the backend contract wants None."""
-    dx, dA, dv = native_ops().head_affine_bwd(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv)
+    if weight_sel is None:
+        dx, dA, dv = native_ops().head_affine_bwd(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv)
+    else:
+        dx, dA, dv = native_ops().head_affine_bwd(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv,
+                                                  weight_sel)
     return (dx if need_dx else None), (dA if need_dA else None), (dv if need_dv else None)
 
 

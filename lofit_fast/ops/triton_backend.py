@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-import weakref
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from ._cache import DerivedCache, build_detached
 
 _KERNELS = "lofit_fast.kernels"
 
@@ -41,35 +41,6 @@ def import_kernels():
     return module
 
 
-class _VersionedCache:
-    """Values derived from tensors (a head -> slot map, a folded bias), kept while every source tensor is
-    alive and unmodified: keyed on the tensors' identities and checked against their version counters, so
-    an in-place change (an optimizer step on v, a new head set) rebuilds the value. Inference tensors have no
-    version counter and are never cached."""
-
-    def __init__(self):
-        self._entries: Dict[tuple, tuple] = {}
-
-    def get(self, sources: Tuple[Optional[torch.Tensor], ...], extra: tuple, build: Callable):
-        try:
-            versions = tuple(None if t is None else t._version for t in sources)
-        except RuntimeError:  # an inference tensor: nothing safe to key on
-            return build()
-        key = tuple(None if t is None else id(t) for t in sources) + extra
-        hit = self._entries.get(key)
-        if hit is not None:
-            refs, seen, value = hit
-            if seen == versions and all((r is None) == (t is None) and (r is None or r() is t)
-                                        for r, t in zip(refs, sources)):
-                return value
-        value = build()
-        entries = self._entries
-        drop = lambda _r, k=key: entries.pop(k, None)  # noqa: E731
-        refs = tuple(None if t is None else weakref.ref(t, drop) for t in sources)
-        entries[key] = (refs, versions, value)
-        return value
-
-
 class TritonBackend:
     name = "triton"
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -77,7 +48,7 @@ class TritonBackend:
     def __init__(self):
         self._kernels = None
         self._reason = ""
-        self._cache = _VersionedCache()
+        self._cache = DerivedCache("triton")
 
     @property
     def kernels(self):
@@ -114,13 +85,14 @@ class TritonBackend:
         return dispatch.gpu_priority(self.name, x, weight, K)
 
     def _slot(self, heads: torch.Tensor, num_heads: int) -> torch.Tensor:
-        return self._cache.get((heads,), ("slot", num_heads), lambda: self.kernels.head_slots(heads, num_heads))
+        return self._cache.get((heads,), ("slot", num_heads),
+                               lambda: build_detached(self.kernels.head_slots, heads, num_heads))
 
     def _folded_bias(self, weight, bias, heads, v, head_dim) -> torch.Tensor:
         """b + W_S v in float32, once per version of the parameters (every call in decode or evaluation reuses
         it; a training step's update makes the next forward rebuild it)."""
         return self._cache.get((weight, bias, heads, v), ("bias", head_dim),
-                               lambda: self.kernels.offset_bias(weight, bias, heads, v, head_dim))
+                               lambda: build_detached(self.kernels.offset_bias, weight, bias, heads, v, head_dim))
 
     def _scaled_columns(self, weight, heads, A, head_dim) -> torch.Tensor:
         """W_S ⊙ A [D_out, K·d], the thin loop's operand, once per version of A. Cached only while K·d is a
@@ -129,7 +101,7 @@ class TritonBackend:
         if heads.numel() * head_dim >= k.forward.SCALED_WEIGHT_MIN_SHARE * weight.shape[1]:
             return k.scaled_columns(weight, heads, A, head_dim)
         return self._cache.get((weight, heads, A), ("cols", head_dim),
-                               lambda: k.scaled_columns(weight, heads, A, head_dim))
+                               lambda: build_detached(k.scaled_columns, weight, heads, A, head_dim))
 
     def forward(self, x, weight, bias, heads, A, v, head_dim):
         k = self.kernels
