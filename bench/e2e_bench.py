@@ -15,6 +15,8 @@ Providers:
               input of the lowest patched layer, so autograd backpropagates exactly as deep as LoFiT and nothing
               more is saved (the reference of the training ratios)
   fused       lofit_fast.patch, backend "auto";  torch: lofit_fast.patch, backend "torch"
+  fused-<b>   lofit_fast.patch with the backend forced to <b> (fused-cuda, fused-triton, fused-cpp, fused-torch);
+              only when asked for by name in --providers (bench/gpu_check.sh times fused-cuda and fused-triton)
   hooks       lofit_fast.hooks.patch (a dense pre-hook);  hooks_loop: hooks.patch_loop (the official loop)
   lora        peft LoRA r=8 on q_proj, v_proj (lofit_fast.methods.comparators.lora)
   base        the unmodified model (the reference of the decode and prefill ratios)
@@ -35,7 +37,7 @@ torch.profiler(profile_memory=True) reports for one step (torch's CPU allocator,
 taken in a separate untimed pass after the timed ones.
 
     python bench/e2e_bench.py --device cpu --model smollm2                       # the CPU measurement
-    python bench/e2e_bench.py --device cuda --model llama2-7b,llama3-8b,gemma-7b  # see bench/gpu_e2e.sh
+    python bench/e2e_bench.py --device cuda --model llama2-7b,llama3-8b,gemma-7b  # see bench/gpu_check.sh
     python bench/e2e_bench.py --model tiny --steps 2 --warmup 1 --results /tmp/e2e  # a smoke run
 """
 from __future__ import annotations
@@ -75,6 +77,8 @@ WORKLOADS = ("step1", "step2", "decode", "prefill")
 TRAIN_PROVIDERS = ("floor", "fused", "torch", "hooks", "hooks_loop", "lora")
 INFER_PROVIDERS = ("base", "fused", "hooks", "merged")
 REFERENCE = {"step1": "floor", "step2": "floor", "decode": "base", "prefill": "base"}
+FORCED = "fused-"  # fused-<backend>: lofit_fast.patch with that backend instead of "auto" (training and inference)
+FORCED_BACKENDS = ("torch", "cpp", "triton", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OOM = "oom"
 
@@ -334,9 +338,10 @@ def training_providers(model: nn.Module, workload: str, names: Sequence[str]) ->
     for name in names:
         if name == "floor":
             out[name] = make_floor(model, lowest, lr)
-        elif name in ("fused", "torch"):
+        elif name in ("fused", "torch") or name.startswith(FORCED):
+            backend = {"fused": "auto", "torch": "torch"}.get(name, name[len(FORCED):])
             out[name] = make_lofit(model, name, heads, scale=scale, offset=offset, lr=lr, init_std=INIT_STD, l1=l1,
-                                   backend="auto" if name == "fused" else "torch")
+                                   backend=backend)
         elif name in ("hooks", "hooks_loop"):
             out[name] = make_hooks(model, name, heads, scale=scale, offset=offset, loop=name == "hooks_loop", lr=lr,
                                    init_std=INIT_STD, l1=l1)
@@ -354,8 +359,9 @@ def inference_providers(model: nn.Module, names: Sequence[str]) -> Dict[str, Pro
     for name in names:
         if name == "base":
             out[name] = Provider("base")
-        elif name == "fused":
-            out[name] = make_lofit(model, name, heads, scale=False, offset=True, backend="auto", lr=None, v=v)
+        elif name == "fused" or name.startswith(FORCED):
+            backend = "auto" if name == "fused" else name[len(FORCED):]
+            out[name] = make_lofit(model, name, heads, scale=False, offset=True, backend=backend, lr=None, v=v)
         elif name == "hooks":
             out[name] = make_hooks(model, name, heads, scale=False, offset=True, loop=False, lr=None, v=v)
         elif name == "merged":
@@ -687,6 +693,8 @@ def profile_training(ctx: Context, workload: str, providers: Dict[str, Provider]
 
 # ------------------------------------------------------------------------------------------------------ output
 def git_commit() -> str:
+    if os.environ.get("COMMIT"):  # a copy of the tree without .git (the device machine) passes it
+        return os.environ["COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
@@ -780,8 +788,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}: choose from {WORKLOADS}")
     for name in args.providers:
-        if name not in TRAIN_PROVIDERS + INFER_PROVIDERS:
-            raise SystemExit(f"unknown provider {name!r}: choose from {sorted(set(TRAIN_PROVIDERS + INFER_PROVIDERS))}")
+        if name not in TRAIN_PROVIDERS + INFER_PROVIDERS and name not in [FORCED + b for b in FORCED_BACKENDS]:
+            raise SystemExit(f"unknown provider {name!r}: choose from {sorted(set(TRAIN_PROVIDERS + INFER_PROVIDERS))} "
+                             f"or {FORCED}<backend> with a backend of {FORCED_BACKENDS}")
     for m in args.model:
         if m not in REAL_MODELS and m not in MODEL_CONFIGS:
             raise SystemExit(f"unknown model {m!r}: choose from {sorted([*REAL_MODELS, *MODEL_CONFIGS])}")
@@ -795,7 +804,7 @@ def providers_for(workload: str, wanted: Sequence[str]) -> List[str]:
     """The wanted providers that apply to the workload, reference first (always included)."""
     pool = TRAIN_PROVIDERS if workload in ("step1", "step2") else INFER_PROVIDERS
     ref = REFERENCE[workload]
-    return [ref] + [n for n in pool if n in wanted and n != ref]
+    return [ref] + [n for n in pool if n in wanted and n != ref] + [n for n in wanted if n.startswith(FORCED)]
 
 
 def run(args: argparse.Namespace, log=print) -> List[Dict[str, str]]:

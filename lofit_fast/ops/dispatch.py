@@ -9,7 +9,10 @@ The table is JSON, written on a GPU by
     python -m lofit_fast.ops.dispatch --out bench/results/dispatch.json
 
 which times both backends on a grid of o_proj shapes, forward alone and forward + backward, and stores one row
-per (shape, mode) with the time of each backend:
+per (shape, mode) with the time of each backend; or, without timing again, from the rows of bench/op_bench.py
+(what bench/gpu_check.sh does):
+
+    python -m lofit_fast.ops.dispatch --from-op-csv op.csv --out dispatch.json
 
     {"version": 1, "rows": [{"device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "mode": "fwd+bwd",
                              "N": 2048, "C": 4096, "D_out": 4096, "K": 8, "ms": {"cuda": 0.41, "triton": 0.39}}]}
@@ -220,15 +223,65 @@ def measure(dtype: torch.dtype = torch.bfloat16, reps: int = 50) -> Dict:
     return {"version": TABLE_VERSION, "torch": torch.__version__, "rows": rows}
 
 
+OP_MODES = {"fwd": "fwd", "full": "fwd+bwd"}  # op_bench.py's modes -> the table's
+OP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _op_case(provider: str) -> Tuple[str, str]:
+    """op_bench's provider column -> (backend, parameters): "cuda" (LoFiT's parameters), "triton:both", ..."""
+    backend, _, params = provider.partition(":")
+    return backend, params or "lofit"
+
+
+def table_from_op_rows(rows: List[Dict[str, str]]) -> Dict:
+    """The table from bench/op_bench.py rows: one row per (device, dtype, mode, N, C, D_out, K) that has a time for
+    both GPU backends in the same case. Where several parameter cases share a key (v only and A and v on K heads),
+    LoFiT's own case (op_bench's `lofit`: v on K < H heads, A on all heads) decides; another case only where that
+    one is missing. ms are op_bench's medians (ms_p50)."""
+    cases: Dict[Tuple, Dict[str, Dict[str, float]]] = {}
+    for r in rows:
+        backend, params = _op_case(r["provider"])
+        if backend not in GPU_BACKENDS or r["mode"] not in OP_MODES or not r.get("ms_p50"):
+            continue
+        key = (r["device"], OP_DTYPES.get(r["dtype"], r["dtype"]), OP_MODES[r["mode"]], int(r["n_tokens"]),
+               int(r["d_in"]), int(r["d_out"]), int(r["heads_selected"]))
+        cases.setdefault(key, {}).setdefault(params, {})[backend] = float(r["ms_p50"])
+    order = ["lofit", "offset", "both", "scale"]
+    out = []
+    for key in sorted(cases):
+        complete = {p: ms for p, ms in cases[key].items() if all(b in ms for b in GPU_BACKENDS)}
+        if not complete:
+            continue
+        params = min(complete, key=lambda p: order.index(p) if p in order else len(order))
+        device, dtype, mode, N, C, D_out, K = key
+        out.append({"device": device, "dtype": dtype, "mode": mode, "N": N, "C": C, "D_out": D_out, "K": K,
+                    "ms": {b: complete[params][b] for b in GPU_BACKENDS}, "case": params})
+    return {"version": TABLE_VERSION, "torch": torch.__version__, "source": "bench/op_bench.py rows (ms_p50)",
+            "rows": out}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     import argparse
+    import csv
 
-    p = argparse.ArgumentParser(description="Measure the cuda vs triton dispatch table on this GPU.")
+    p = argparse.ArgumentParser(description="Measure the cuda vs triton dispatch table on this GPU, or derive it "
+                                            "from bench/op_bench.py rows (--from-op-csv).")
     p.add_argument("--out", default=str(_HERE.parent.parent / "bench" / "results" / "dispatch.json"))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--from-op-csv", default=None, help="derive the table from this op_bench.py CSV (no timing; "
+                   "rows without both GPU backends are left out)")
     args = p.parse_args(argv)
-    table = measure(getattr(torch, args.dtype), args.reps)
+    if args.from_op_csv:
+        with open(args.from_op_csv, newline="") as f:
+            table = table_from_op_rows(list(csv.DictReader(f)))
+        if not table["rows"]:
+            table["note"] = (f"{args.from_op_csv} has no shape timed on both {GPU_BACKENDS}: no measured rows, so "
+                             f"`auto` keeps the unmeasured default ({UNMEASURED_DEFAULT})")
+            print(table["note"])
+    else:
+        table = measure(getattr(torch, args.dtype), args.reps)
+    _validate(table, Path(args.out))
     atomic_write(args.out, json.dumps(table, indent=1))
     print(f"wrote {len(table['rows'])} rows to {args.out}")
 
