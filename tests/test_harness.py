@@ -1,0 +1,75 @@
+"""lm-evaluation-harness judging the project: the `lofit` model class with an adapter, the local-data tasks,
+and lm-eval's MC2 equal to the same sums computed by lofit_fast's own scorer with lm-eval's prompt."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+
+import lofit_fast  # noqa: E402
+from lofit_fast.data import load_split  # noqa: E402
+from lofit_fast.eval.truthfulqa import score_answers  # noqa: E402
+from lofit_fast.harness import evaluate  # noqa: E402
+from lofit_fast.harness.tasks import TRUTHFULQA_PRIMER  # noqa: E402
+
+from fixtures.tiny import DATA, byte_tokenizer, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    tiny_llama(seed=5).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    model, _ = lofit_fast.load_model(str(model_dir))
+    lofit_fast.patch(model, [(0, 1), (1, 2)], scale=False, offset=True, init_std=2.0)
+    folder = tmp_path_factory.mktemp("adapter")
+    lofit_fast.save_adapter(model, folder)
+    return folder
+
+
+def own_mc(model, tok, items):
+    """MC1 and MC2 with lm-eval's prompt (primer, `Q: q\\nA:`, each choice after a space), by lofit_fast."""
+    mc1 = mc2 = 0.0
+    for it in items:
+        prompt = TRUTHFULQA_PRIMER + f"\n\nQ: {it.question}\nA:"
+        incorrect = list(dict.fromkeys(it.incorrect))
+        correct = list(dict.fromkeys(it.correct or [it.best]))
+        s1 = score_answers(model, tok, [(prompt, " " + a) for a in [it.best] + incorrect], progress=False)
+        mc1 += float(s1[0] > max(s1[1:]))
+        s2 = score_answers(model, tok, [(prompt, " " + a) for a in correct + incorrect], progress=False)
+        top = max(s2)
+        p = [math.exp(s - top) for s in s2]
+        mc2 += sum(p[: len(correct)]) / sum(p)
+    return mc1 / len(items), mc2 / len(items)
+
+
+def test_lm_eval_scores_base_and_adapter_like_lofit_fast(model_dir, adapter_dir):
+    table = evaluate(DATA, {"base": None, "lofit": str(adapter_dir)}, model=str(model_dir),
+                     tasks=["lofit_truthfulqa_mc1", "lofit_truthfulqa_mc2"], batch_size=4)
+    items = load_split("truthfulqa", DATA, "test", fold=0)
+    tok = byte_tokenizer()
+    base, _ = lofit_fast.load_model(str(model_dir))
+    tuned, _ = lofit_fast.load_model(str(model_dir))
+    lofit_fast.load_adapter(tuned, adapter_dir)
+    for name, model in (("base", base), ("lofit", tuned)):
+        mc1, mc2 = own_mc(model, tok, items)
+        assert table[name]["lofit_truthfulqa_mc1"] == pytest.approx(mc1)
+        assert table[name]["lofit_truthfulqa_mc2"] == pytest.approx(mc2, abs=1e-5)
+    assert table["lofit"]["lofit_truthfulqa_mc2"] != pytest.approx(table["base"]["lofit_truthfulqa_mc2"], abs=1e-6)
+
+
+def test_generation_tasks_run_on_the_local_files(model_dir):
+    table = evaluate(DATA, {"base": None}, model=str(model_dir), tasks=["lofit_clutrr", "lofit_mquake"], batch_size=2)
+    assert set(table["base"]) == {"lofit_clutrr", "lofit_mquake"}
+    assert all(0.0 <= v <= 1.0 for v in table["base"].values())
+
+
+def test_unknown_task_is_named(model_dir):
+    with pytest.raises(ValueError, match="unknown tasks"):
+        evaluate(DATA, {"base": None}, model=str(model_dir), tasks=["truthfulqa_mc3"])
