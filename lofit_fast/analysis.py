@@ -1,4 +1,4 @@
-"""Pictures of a head selection: a layers x heads heat map of the LoFiT scores with the top K marked."""
+"""Pictures of a run: a layers x heads heat map of the LoFiT scores with the top K marked, and the training losses."""
 from __future__ import annotations
 
 import io
@@ -51,6 +51,35 @@ def plot_head_scores(
     ax.set_title(title)
     fig.tight_layout()
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write(path, buffer.getvalue())
+
+
+def plot_losses(train_loss: dict, path: Union[str, os.PathLike], *, title: Optional[str] = None) -> str:
+    """Write a PNG of the per-epoch training losses a run records (`results.json`'s "train_loss": a list per
+    stage, or one final number for a stage that kept only that) and return its path; written atomically."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    curves = {stage: v for stage, v in train_loss.items() if isinstance(v, list) and v}
+    finals = {stage: v for stage, v in train_loss.items() if isinstance(v, (int, float))}
+    if not curves and not finals:
+        raise ValueError("no training losses to plot (train_loss is empty)")
+    fig = Figure(figsize=(6.0, 3.8), dpi=110)
+    ax = fig.subplots()
+    for stage, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=stage)
+    for stage, value in finals.items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(f"{stage} (final) {value:.3f}", (1, value), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "training loss per epoch")
+    if curves:
+        ax.legend()
+    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return atomic_write(path, buffer.getvalue())
