@@ -67,14 +67,66 @@ def resolve_model_path(name: str) -> Tuple[Path, Optional[str]]:
     )
 
 
+QUANTIZE = ("int8", "int4")
+
+
+def quantize_base(model, scheme: str = "int8"):
+    """Weight-only quantization (torchao) of every nn.Linear inside the decoder layers (attention and MLP
+    projections), in place; embeddings, norms and the LM head stay float. Returns the model.
+
+    "int8": torchao `Int8WeightOnlyConfig` (per-channel int8; CPU and GPU). "int4": `Int4WeightOnlyConfig`
+    (group size 128, tile-packed for CUDA's tinygemm kernel; torchao has no CPU int4 weight-only kernel that
+    runs without its optional `mslk` package, so on CPU this is an error). Quantize before `lofit_fast.patch`:
+    a patched o_proj on a quantized weight runs the quantized base GEMM plus a thin GEMM over the dequantized
+    selected columns (cached), and trains A and v as on a float base.
+    """
+    import torch.nn as nn
+
+    if scheme not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE} (or None), got {scheme!r}")
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ImportError(f"quantize={scheme!r} needs torchao: pip install torchao") from exc
+    from .patch import HeadInterventionLinear, find_attention_sites
+
+    sites = find_attention_sites(model)
+    layers = [model.get_submodule(site.path) for site in sites]
+    if any(isinstance(m, HeadInterventionLinear) for layer in layers for m in layer.modules()):
+        raise RuntimeError("quantize the base model before lofit_fast.patch (the model is patched)")
+    targets = {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
+    if not targets:
+        raise RuntimeError(f"no nn.Linear layers to quantize in the decoder layers of {type(model).__name__}")
+    device = next(model.parameters()).device
+    if scheme == "int8":
+        config = Int8WeightOnlyConfig()
+    else:
+        if device.type != "cuda":
+            raise NotImplementedError(
+                "quantize='int4' needs a CUDA device: torchao's int4 weight-only layouts run on CUDA (tinygemm) or "
+                "need its optional `mslk` package on CPU; use quantize='int8' on CPU"
+            )
+        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    quantize_(model, config, filter_fn=lambda module, fqn: id(module) in targets)
+    return model
+
+
 def load_model(
     name: str = "smollm2",
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: Optional[str] = "sdpa",
+    quantize: Optional[str] = None,
 ):
-    """(model, tokenizer) from a short name, a .gguf file or a local HF directory; never touches the hub."""
+    """(model, tokenizer) from a short name, a .gguf file or a local HF directory; never touches the hub.
+
+    A GGUF model comes back as a plain float model (its weights are dequantized on load, and the GGUF
+    quantizer mark is dropped), so `transformers.Trainer` and `save_pretrained` accept it.
+    quantize: None (default), "int8" or "int4": a weight-only quantized frozen base (`quantize_base`), the
+    QLoRA analogue for LoFiT."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE} (or None), got {quantize!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf = resolve_model_path(name)
@@ -87,6 +139,14 @@ def load_model(
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if gguf is not None:
+        # transformers dequantizes GGUF weights to plain floats but keeps the GGUF quantizer mark, which makes
+        # `transformers.Trainer` ("purely quantized models") and `save_pretrained` refuse the model.
+        from .adapter.export import drop_dequantized_gguf_marker
+
+        drop_dequantized_gguf_marker(model)
     model.to(device)
+    if quantize is not None:
+        quantize_base(model, quantize)
     model.eval()
     return model, tokenizer

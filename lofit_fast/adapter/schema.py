@@ -139,11 +139,13 @@ def model_description(model: nn.Module, sites: List[AttentionSite]) -> Dict[str,
 def weights_fingerprint(sites: List[AttentionSite]) -> str:
     """sha256 of a fixed sample of every layer's base o_proj weight (16 rows x 64 columns, rounded to bfloat16,
     so a float32 and a bfloat16 copy of one model agree): which weights an adapter was trained on."""
+    from ..ops.function import is_quantized_weight
+
     h = hashlib.sha256()
     for site in sites:
         o_proj = site.attn.o_proj
         w = getattr(o_proj, "base_layer", o_proj).weight.detach()
-        if type(w) is not torch.Tensor and callable(getattr(w, "dequantize", None)):
+        if is_quantized_weight(w):
             w = w.dequantize()  # a quantized base (lofit_fast.models.quantize_base)
         rows = torch.linspace(0, w.shape[0] - 1, min(16, w.shape[0])).long().to(w.device)
         cols = torch.linspace(0, w.shape[1] - 1, min(64, w.shape[1])).long().to(w.device)

@@ -19,7 +19,6 @@ HONEST_LETTERS; questions whose honest answer is unclear are left out).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -116,6 +115,7 @@ def train(
     max_length: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    **train_kw,
 ) -> Dict[str, object]:
     """Representation-tune `model` on SFT `examples` (prompt, completion) and return
     {"history", "epoch_loss", "seconds", "trainable_params", "params"}.
@@ -124,11 +124,12 @@ def train(
     applies (default: every layer in `directions`); positions: prompt positions (see `prompt_positions`).
     trainable "heads" patches LoFiT A and v on `heads` ("all" by default) and leaves the model patched;
     "layers" trains the decoder layers `train_layers` (default: `layers`) and leaves their weights tuned.
-    Either way the model's own parameters get their requires_grad flags back afterwards. AdamW with a linear
-    decay to zero, as `lofit_fast.train`.
+    Either way the model's own parameters get their requires_grad flags back afterwards. The loop is
+    `lofit_fast.train.train` (AdamW, a linear decay to zero), with this loss; other keywords go to it
+    (grad_accum, mixed_precision, schedule, ...), and it runs on several processes the same way.
     """
-    from ..data import collate_sft
     from ..losses import completion_loss
+    from ..train import train as run_loop
 
     examples = list(examples)
     if not examples:
@@ -153,54 +154,28 @@ def train(
     params = _trainable(model, trainable, train_layers, heads, init_std)
     if not params:
         raise ValueError("nothing to train")
-    n = len(examples)
-    total = math.ceil(n / batch_size) * epochs
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, (total - step) / total))
-    generator = torch.Generator().manual_seed(int(seed))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"rep-tune ({mode}, w={w})", dynamic_ncols=True)
-    history = []
-    start_time = time.perf_counter()
-    model.train()
     try:
         with record_residual(model, layers) as store:
-            for epoch in range(epochs):
-                order = torch.randperm(n, generator=generator).tolist()
-                for first in range(0, n, batch_size):
-                    chunk = [examples[i] for i in order[first : first + batch_size]]
-                    batch = {k: v.to(device) for k, v in collate_sft(tokenizer, chunk, max_length=max_length).items()}
-                    token = completion_loss(model, batch)
-                    pos = prompt_positions(batch["labels"], positions)
-                    rows = torch.arange(pos.shape[0], device=device)[:, None]
-                    rep = sum(cosine_loss(store[layer][rows, pos], dirs[layer], mode) for layer in layers) / len(layers)
-                    loss = token + w * rep
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss became {loss.item()} at step {len(history)}; lower lr ({lr})")
-                    loss.backward()
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                    store.clear()
-                    history.append({"step": len(history), "epoch": epoch, "loss": float(loss.detach()),
-                                    "token_loss": float(token.detach()), "rep_loss": float(rep.detach())})
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(token=f"{history[-1]['token_loss']:.3f}", rep=f"{history[-1]['rep_loss']:.3f}")
+
+            def loss_fn(m, batch):
+                token = completion_loss(m, batch)
+                pos = prompt_positions(batch["labels"], positions)
+                rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
+                rep = sum(cosine_loss(store[layer][rows, pos], dirs[layer], mode) for layer in layers) / len(layers)
+                store.clear()
+                return token + w * rep, {"token_loss": float(token.detach()), "rep_loss": float(rep.detach())}
+
+            result = run_loop(
+                model, tokenizer, examples, kind="sft", params=params, lr=lr, epochs=epochs, batch_size=batch_size,
+                max_grad_norm=max_grad_norm, seed=seed, max_length=max_length, progress=progress,
+                desc=f"rep-tune ({mode}, w={w})", loss_fn=loss_fn, **train_kw,
+            )
     finally:
-        if bar is not None:
-            bar.close()
-        model.eval()
         for p, flag in flags:  # the base model's flags as they were (LoFiT A / v stay trainable)
             p.requires_grad_(flag)
-    epoch_loss = [sum(r["loss"] for r in history if r["epoch"] == e) / max(1, sum(r["epoch"] == e for r in history))
-                  for e in range(epochs)]
-    return {"history": history, "epoch_loss": epoch_loss, "seconds": time.perf_counter() - start_time,
+    history = [{"step": r["step"], "epoch": r["epoch"], "loss": r["loss"], "token_loss": r["token_loss"],
+                "rep_loss": r["rep_loss"], "lr": r["lr"]} for r in result["history"]]
+    return {"history": history, "epoch_loss": result["epoch_loss"], "seconds": result["seconds"],
             "trainable_params": sum(p.numel() for p in params), "params": params}
 
 

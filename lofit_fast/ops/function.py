@@ -10,6 +10,71 @@ from .registry import get_backend
 from .torch_backend import acc, selected_columns
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in effect for x's device type, or None when autocast is off there (or x is float64,
+    which autocast leaves alone)."""
+    dev = x.device.type
+    if dev not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(dev) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def is_quantized_weight(t) -> bool:
+    """Whether `t` is a quantized weight tensor: a tensor subclass that overrides `dequantize()` (torchao's
+    Int8Tensor and relatives), which the backends cannot read directly. Plain tensors, parameters and other
+    subclasses (DTensor, fake tensors) are not."""
+    return (isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter)
+            and getattr(type(t), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize)
+
+
+def dequantized_columns(weight: torch.Tensor, heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """W_S: the selected heads' input columns of a (quantized) weight, dequantized: [D_out, K*head_dim], in the
+    weight's float dtype. What the thin GEMM of a quantized base uses (cache it per weight)."""
+    full = weight.dequantize() if is_quantized_weight(weight) else weight
+    return full.detach().index_select(1, selected_columns(heads.to(full.device), head_dim)).to(weight.dtype).contiguous()
+
+
+def quantized_head_affine_linear(x, weight, bias, heads, A, v, head_dim, w_sel=None):
+    """The op on a quantized frozen base (the QLoRA analogue):
+
+        y = F.linear(x, W_q, b)  +  (x_S ⊙ A) W_Sᵀ  +  v W_Sᵀ
+
+    the base GEMM runs on the quantized weight (its own kernel; dx flows back through it), the thin GEMM and
+    the offset row use W_S = the dequantized selected columns (`w_sel`, computed here when not given).
+    Plain autograd: dx, dA, dv as for the float op; only x_S is kept for dA."""
+    if w_sel is None:
+        w_sel = dequantized_columns(weight, heads, head_dim)
+    y = F.linear(x, weight, bias)
+    if heads.numel() == 0 or (A is None and v is None):
+        return y
+    if A is not None:
+        xs = x.index_select(-1, selected_columns(heads, head_dim))
+        t = (acc(xs) * acc(A).reshape(-1)).to(w_sel.dtype)
+        y = y + F.linear(t, w_sel).to(y.dtype)
+    if v is not None:
+        y = y + (acc(w_sel) @ acc(v).reshape(-1)).to(y.dtype)
+    return y
+
+
+def _autocast_inputs(dtype, x, weight, bias, A, v):
+    """What autocast does to a linear layer's inputs (floating, non-float64 tensors → the autocast dtype),
+    except A and v: they keep float32 (or the autocast dtype when they already have it), so their gradients
+    are float32 and small updates like 1 + 1e-3 survive. Casts are differentiable."""
+
+    def low(t):
+        if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+            return t
+        return t.to(dtype)
+
+    def param(t):
+        if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float32):
+            return t
+        return t.float()
+
+    return low(x), low(weight), low(bias), param(A), param(v)
 
 
 def _check_param(p: Optional[torch.Tensor], name: str, x: torch.Tensor, K: int, head_dim: int) -> None:
@@ -89,9 +154,17 @@ class HeadAffineLinearFn(torch.autograd.Function):
         need_dv = ctx.has_v and ctx.needs_input_grad[5]
         if not (need_dx or need_dA or need_dv):
             return (None,) * 8
-        dx, dA, dv = ctx.backend.backward(
-            dy.contiguous(), x_sel, weight, heads, A, ctx.head_dim, need_dx, need_dA, need_dv
-        )
+        dev = dy.device.type
+        # A backward called inside an autocast region must not recast the backend's GEMMs.
+        if dev in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                dx, dA, dv = ctx.backend.backward(
+                    dy.contiguous(), x_sel, weight, heads, A, ctx.head_dim, need_dx, need_dA, need_dv
+                )
+        else:
+            dx, dA, dv = ctx.backend.backward(
+                dy.contiguous(), x_sel, weight, heads, A, ctx.head_dim, need_dx, need_dA, need_dv
+            )
         if dA is not None:
             dA = dA.to(A.dtype)
         if dv is not None:
@@ -131,7 +204,25 @@ def head_affine_linear(
     A, v: [K, d] or None (None means "not used"). Gradients flow to x, A, v (and weight/bias if they
     require grad, through a slower path). float32, bfloat16 and float16, accumulating in float32.
     `validate=False` skips the input checks (for callers that validated once, like the patched modules).
+
+    Under `torch.autocast` (CPU or CUDA, bf16 or fp16) the op does what autocast does to a linear layer: x,
+    weight and bias are cast to the autocast dtype and the GEMMs run in it, on any backend; A and v are not
+    cast (float32 stays float32, and their gradients are float32).
+    A quantized `weight` (torchao) runs `quantized_head_affine_linear` (the backends need plain tensors).
     """
+    if is_quantized_weight(weight):
+        if validate:
+            check_op_inputs(x, weight, bias, heads, A, v, head_dim)
+        return quantized_head_affine_linear(x, weight, bias, heads, A, v, head_dim)
+    low = autocast_dtype(x)
+    if low is not None:
+        x, weight, bias, A, v = _autocast_inputs(low, x, weight, bias, A, v)
+        with torch.autocast(x.device.type, enabled=False):
+            return _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate)
+    return _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate)
+
+
+def _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate):
     if validate:
         check_op_inputs(x, weight, bias, heads, A, v, head_dim)
     if heads.numel() == 0 or (A is None and v is None):
