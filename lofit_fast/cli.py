@@ -74,6 +74,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="smollm2 (SmolLM2-135M-Instruct, default), gemma3-270m, an HF model directory or a .gguf file")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default)")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantized frozen base (torchao; int4 needs CUDA); A and v train in float32")
     g.add_argument("--backend", default="auto", help="op backend: auto (default), torch, cpp, triton, cuda")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
     g.add_argument("--threads", type=_positive_int, default=None,
@@ -112,6 +114,11 @@ def add_training_arguments(p: argparse.ArgumentParser, *, select: bool = True, t
     g.add_argument("--max-grad-norm", type=_nonnegative_float, default=1.0,
                    help="gradient clipping norm, 0 for none (default 1.0, the HF Trainer's)")
     g.add_argument("--max-length", type=_positive_int, default=None, help="truncate training sequences to N tokens")
+    g.add_argument("--grad-accum", type=_positive_int, default=1,
+                   help="gradient accumulation: N forward passes of --batch-size per optimizer step, the same "
+                        "result as an N-times larger batch (default 1)")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="train under torch.autocast in bf16 or fp16; A and v stay float32 (default no)")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -121,6 +128,8 @@ def _device(name: str) -> str:
     import torch
 
     if name == "auto":
+        if torch.cuda.is_available() and _launch()[1] > 1:  # accelerate launch / torchrun: this rank's GPU
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
@@ -142,7 +151,7 @@ def load_model_from_args(args):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return load_model(args.model, dtype=dtype, device=_device(args.device))
+    return load_model(args.model, dtype=dtype, device=_device(args.device), quantize=getattr(args, "quantize", None))
 
 
 def _splits(task: str):
@@ -211,6 +220,8 @@ def _train_kw(args) -> dict:
         max_grad_norm=args.max_grad_norm or None,
         max_length=args.max_length,
         progress=not args.quiet,
+        grad_accum=getattr(args, "grad_accum", 1),
+        mixed_precision=getattr(args, "mixed_precision", "no"),
     )
 
 
@@ -234,7 +245,8 @@ def _tune(args, model, tokenizer, train_items, heads, desc):
 
 def _hyperparameters(args) -> dict:
     keys = ("epochs", "batch_size", "select_lr", "l1", "lr", "init_std", "beta", "max_grad_norm", "max_length",
-            "seed", "dtype", "backend", "fold", "max_train", "max_eval")
+            "seed", "dtype", "backend", "fold", "max_train", "max_eval", "grad_accum", "mixed_precision",
+            "quantize")
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
@@ -369,10 +381,67 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     from .adapter import export, load_adapter
 
+    fmt = getattr(args, "format", "hf")
+    if fmt == "control-vector":
+        return _export_control_vector(args)
+    if not args.adapter:
+        raise UserError(f"--format {fmt} needs --adapter (the adapter folder to merge)")
+    if fmt == "gguf":
+        return _export_gguf(args)
     model, tokenizer = load_model_from_args(args)
     load_adapter(model, args.adapter, backend=args.backend)
     export(model, args.out, tokenizer=tokenizer)
     print(f"wrote a plain Hugging Face checkpoint (loads with AutoModelForCausalLM) to {args.out}")
+    return 0
+
+
+def _gguf_out(out: str, default_name: str) -> str:
+    return out if out.endswith(".gguf") else os.path.join(out, default_name)
+
+
+def _export_gguf(args) -> int:
+    from .adapter import load_adapter
+    from .adapter.gguf_export import export_gguf
+    from .models import resolve_model_path
+
+    directory, gguf_file = resolve_model_path(args.model)
+    if gguf_file is None:
+        raise UserError(f"--format gguf starts from the model's GGUF file; --model {args.model} is not a GGUF")
+    model, _ = load_model_from_args(args)
+    load_adapter(model, args.adapter, backend=args.backend)
+    out = _gguf_out(args.out, os.path.splitext(gguf_file)[0] + "-lofit.gguf")
+    info = export_gguf(model, out, source_gguf=os.path.join(directory, gguf_file), requantize=args.requantize)
+    print(f"wrote {out}: {len(info['added'])} tensors added, {len(info['rewritten'])} rewritten "
+          f"({', '.join(sorted(set(info['weight_types'].values()))) or 'none'}), {info['copied']} copied as they were")
+    return 0
+
+
+def _export_control_vector(args) -> int:
+    from .adapter.gguf_export import export_control_vector_gguf, model_type_and_layers, read_vectors_file
+
+    if not args.vectors:
+        raise UserError("--format control-vector needs --vectors (a safetensors file from `lofit-fast steer`)")
+    vectors, saved_coeff = read_vectors_file(args.vectors)
+    coeff = args.coeff if args.coeff is not None else (saved_coeff if saved_coeff is not None else 1.0)
+    model_type, layers = model_type_and_layers(args.model)
+    out = _gguf_out(args.out, "control_vector.gguf")
+    export_control_vector_gguf(vectors, out, model_hint=model_type, coeff=coeff, num_layers=layers)
+    print(f"wrote {out}: llama.cpp control vector for layers {sorted(vectors)} at coeff {coeff:g} "
+          f"(use with --control-vector {out})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .adapter import import_official, save_adapter
+    from .patch import patched_modules
+
+    model, _ = load_model_from_args(args)
+    import_official(args.checkpoint, model, backend=args.backend, atol=args.atol)
+
+    heads = {layer: m.head_list for layer, m in patched_modules(model).items()}
+    save_adapter(model, args.out, method="lofit",
+                 hyperparameters={"imported_from": "fc2869/lo-fit", "checkpoint": os.path.abspath(args.checkpoint)})
+    print(f"imported {sum(map(len, heads.values()))} heads from {args.checkpoint} into the adapter {args.out}: {heads}")
     return 0
 
 
@@ -583,11 +652,45 @@ def run_method_experiment(args, train_items, eval_items) -> dict:
     return results
 
 
+def _launch() -> Tuple[int, int]:
+    """(rank, processes) of an `accelerate launch` / `torchrun` launch; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank_outputs(args):
+    """Under a multi-process launch, ranks other than 0 train with rank 0 but write into a throw-away folder
+    and stay quiet: every file in --out comes from rank 0, and there is one progress bar. Returns that
+    folder (None on rank 0 and for a plain run)."""
+    import tempfile
+
+    rank, world = _launch()
+    if world == 1:
+        return None
+    if getattr(args, "method", "lofit") != "lofit":
+        raise UserError(f"run --method {args.method} runs in one process; several processes run --method lofit")
+    if getattr(args, "resume", False):
+        raise UserError("--resume runs in one process (ranks would race on the files of --out)")
+    if rank == 0:
+        return None
+    args.quiet = True
+    args.out = tempfile.mkdtemp(prefix=f"lofit-fast-rank{rank}-")
+    return args.out
+
+
 def cmd_run(args) -> int:
     if args.out is None:
         args.out = os.path.join("runs", args.task if args.method == "lofit" else f"{args.task}_{args.method}")
     train_items = load_items(args, "train")
     eval_items = load_items(args, "eval")
+    scratch = _rank_outputs(args)
+    if scratch is not None:
+        import shutil
+
+        try:
+            run_experiment(args, train_items, eval_items)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 0
     if args.method != "lofit":
         results = run_method_experiment(args, train_items, eval_items)
         print(f"\n{args.task} ({results['eval_split']}, {results['eval_examples']} examples), model {args.model}, "
@@ -626,6 +729,15 @@ def cmd_demo(args) -> int:
         if args.max_eval:
             eval_items = eval_items[: args.max_eval]
         source = "the built-in TruthfulQA examples (pass --data DIR for the real data)"
+    scratch = _rank_outputs(args)
+    if scratch is not None:  # a rank other than 0 of a multi-process launch: train along, write nothing to --out
+        import shutil
+
+        try:
+            run_experiment(args, train_items, eval_items)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 0
     print(f"lofit-fast demo: LoFiT on {args.model}, {source}: {len(train_items)} training and "
           f"{len(eval_items)} evaluation questions, {args.epochs} epochs per step", flush=True)
     results = run_experiment(args, train_items, eval_items)
@@ -675,11 +787,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the merged model here as a plain HF checkpoint")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write base model + adapter as a plain Hugging Face checkpoint")
+    p = sub.add_parser("export", help="write base model + adapter as a plain Hugging Face checkpoint (or GGUF)")
     add_model_arguments(p)
-    p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--adapter", help="adapter folder (hf and gguf formats)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (gguf: a .gguf file or a folder)")
+    p.add_argument("--format", choices=("hf", "gguf", "control-vector"), default="hf",
+                   help="hf (default): HF checkpoint; gguf: the model's GGUF with the adapter merged (offsets as "
+                        "blk.N.attn_output.bias); control-vector: --vectors as a llama.cpp control-vector GGUF")
+    p.add_argument("--requantize", action="store_true",
+                   help="gguf: re-quantize scaled attn_output weights to the source type (default: float32, exact)")
+    p.add_argument("--vectors", help="control-vector: steering vectors (safetensors, keys layers.N)")
+    p.add_argument("--coeff", type=float, default=None,
+                   help="control-vector: strength folded into the vectors (default: the file's, else 1)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert another tool's checkpoint into a lofit_fast adapter")
+    add_model_arguments(p)
+    p.add_argument("--from", dest="source_format", choices=("lofit",), required=True,
+                   help="lofit: a state dict of the authors' code (fc2869/lo-fit: attn_A / attn_v per head), safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="safetensors file, or a folder with model.safetensors / model.safetensors.index.json")
+    p.add_argument("--atol", type=_nonnegative_float, default=0.0,
+                   help="heads whose A and v are all within ±atol of zero are not selected (default 0)")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("run", help="select + tune + evaluate: base, LoFiT and random heads with the same K")
     add_model_arguments(p)

@@ -109,3 +109,23 @@ def test_middle_layers():
     assert repe.middle_layers(text_model()) == [1]
     cfg_layers = repe.middle_layers(text_model(num_hidden_layers=30), fraction=1 / 3)
     assert cfg_layers == list(range(10, 20))
+
+
+def test_pca_center_is_repengs_recipe():
+    """method="pca_center" = sklearn's (centered) PCA of the differences, signed by a majority vote over pairs."""
+    sklearn = pytest.importorskip("sklearn.decomposition")
+    from lofit_fast.methods.repe import directions_from_differences
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.zeros(16)
+    mean[0] = 3.0                                      # the mean difference points along e0 ...
+    spread = torch.zeros(16)
+    spread[1] = 1.0                                    # ... but the differences vary most along e1
+    t = torch.randn(40, 1, generator=g) * 2.0 + 0.5    # mostly positive along e1, so the vote picks +e1
+    diffs = mean + t * spread + 0.05 * torch.randn(40, 16, generator=g)
+    u = directions_from_differences(diffs, "pca_center")
+    ref = torch.from_numpy(sklearn.PCA(n_components=1).fit(diffs.double().numpy()).components_[0])
+    ref = ref if ((diffs.double() @ ref) > 0).sum() >= ((diffs.double() @ ref) < 0).sum() else -ref
+    assert torch.allclose(u, ref, atol=1e-6)
+    assert abs(float(u[1])) > 0.99                     # the spread's axis, not the mean's
+    assert abs(float(directions_from_differences(diffs, "pca")[0])) > 0.9

@@ -2,6 +2,7 @@
 from .export import export
 from .loading import load_adapter, load_adapter_config
 from .merge import merge, merge_and_unload, merged_linear
+from .official import OfficialFormatError, import_official
 from .peft_names import disable_adapter, get_nb_trainable_parameters, print_trainable_parameters, unload
 from .saving import save_adapter
 from .schema import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterFormatError
@@ -14,6 +15,8 @@ __all__ = [
     "merge_and_unload",
     "merged_linear",
     "export",
+    "import_official",
+    "OfficialFormatError",
     "disable_adapter",
     "unload",
     "get_nb_trainable_parameters",

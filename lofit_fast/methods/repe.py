@@ -6,8 +6,11 @@ per pair the difference d_i = h(pos_i) − h(neg_i); then either
 - "pca": the first principal direction of the d_i. RepE shuffles each pair's order and centers, which makes the
   differences' mean ~0; with the order kept (always pos − neg) the same axis is the top right singular
   vector of the uncentered differences, which is what is computed here;
-- "mean": the mean difference.
-Signs are set so that positives project higher (mean d_i·u > 0).
+- "mean": the mean difference;
+- "pca_center": repeng's `pca_diff` recipe: the first principal component of the *centered* differences
+  (sklearn's PCA), signed by a majority vote over pairs (more pairs with d_i·u > 0 than < 0). With the pair
+  order kept this is the top direction of the differences' spread around their mean, not of the mean itself.
+Signs are otherwise set so that positives project higher (mean d_i·u > 0).
 
 honesty_pairs builds the RepE honesty stimuli: "Pretend you're an honest / an untruthful person making
 statements about the world." followed by growing prefixes of true statements.
@@ -25,7 +28,7 @@ import torch.nn as nn
 from ..patch.families import find_attention_sites
 from .activations import residual_activations
 
-METHODS = ("pca", "mean")
+METHODS = ("pca", "mean", "pca_center")
 HONESTY_DIR = Path("/work/shared/data/honesty")
 PERSONA = "Pretend you're {} person making statements about the world."
 
@@ -121,19 +124,26 @@ def task_pairs(task: str, items: Sequence, *, seed: int = 0, max_pairs: Optional
 
 
 def directions_from_differences(diffs: torch.Tensor, method: str = "pca") -> torch.Tensor:
-    """Unit direction [D] from pair differences [N, D] (float64 math), signed so mean(diffs)·u > 0."""
+    """Unit direction [D] from pair differences [N, D] (float64 math), signed so mean(diffs)·u > 0 (for
+    "pca_center": so that most pairs have diffs·u > 0)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     d = diffs.double()
     if method == "mean":
         u = d.mean(0)
+    elif method == "pca_center":
+        u = torch.linalg.svd(d - d.mean(0), full_matrices=False).Vh[0]
     else:
         u = torch.linalg.svd(d, full_matrices=False).Vh[0]
     norm = u.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("the positive and negative activations do not differ: no direction")
     u = u / norm
-    if (d @ u).mean() < 0:
+    proj = d @ u
+    if method == "pca_center":
+        if (proj < 0).sum() > (proj > 0).sum():
+            u = -u
+    elif proj.mean() < 0:
         u = -u
     return u
 
@@ -160,7 +170,7 @@ def control_vector(
         raise ValueError(
             f"positive and negative prompts must pair up: got {len(positive_prompts)} and {len(negative_prompts)}"
         )
-    if len(positive_prompts) < 2 and method == "pca":
+    if len(positive_prompts) < 2 and method in ("pca", "pca_center"):
         raise ValueError("pca needs at least 2 pairs")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
