@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .._files import atomic_write
+from .repe import METHODS as REPE_METHODS
 
 METHODS = ("base", "iti", "repe", "lofit", "lora", "red", "rep_tuning")
 # Learning rates per method when none is given (LoFiT's are the official 7B values; LoRA / RED the usual
@@ -462,7 +463,8 @@ def register(subparsers) -> None:
     _common(p, cli, task_required=False)
     p.add_argument("--pairs", choices=("honesty", "task"), default="honesty",
                    help="contrast pairs: honesty personas on true statements (default) or the task's right/wrong answers")
-    p.add_argument("--method", choices=("pca", "mean"), default="pca")
+    p.add_argument("--method", choices=REPE_METHODS, default="pca",
+                   help="pca: RepE (uncentered differences); mean; pca_center: repeng's pca_diff recipe")
     p.add_argument("--layers", type=_layers_arg, default=None, help="e.g. 10-19 (default: the middle third)")
     p.add_argument("--coeff", type=float, nargs="+", default=[0.0, 1.0, 2.0], help="coefficients to try")
     p.add_argument("--max-pairs", type=int, default=256)
