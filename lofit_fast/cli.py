@@ -147,11 +147,13 @@ def load_model_from_args(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if getattr(args, "quiet", False):
+    quiet = getattr(args, "quiet", False)
+    if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return load_model(args.model, dtype=dtype, device=_device(args.device), quantize=getattr(args, "quantize", None))
+    return load_model(args.model, dtype=dtype, device=_device(args.device), quantize=getattr(args, "quantize", None),
+                      progress=not quiet)
 
 
 def _splits(task: str):
@@ -196,12 +198,25 @@ def _write_json(path: str, payload: dict) -> str:
     return atomic_write(path, _dumps(payload))
 
 
-def _evaluate(args, model, tokenizer, items, label: str) -> Dict[str, float]:
+def _evaluate(args, model, tokenizer, items, label: str, predictions: Optional[list] = None) -> Dict[str, float]:
+    """Metrics of `model` on `items`; for the generation tasks, each generation with its gold answers is
+    appended to `predictions` (when given) as {"arm": label, "prompt", "generated", "prediction", "answers",
+    "correct"}."""
     from .eval import evaluate
 
     _log(args, f"evaluating {label} on {len(items)} {args.task} examples ...")
-    metrics = evaluate(args.task, model, tokenizer, items, batch_size=args.eval_batch_size, progress=not args.quiet)
+    kw = {"return_predictions": True} if predictions is not None and args.task != "truthfulqa" else {}
+    metrics = evaluate(args.task, model, tokenizer, items, batch_size=args.eval_batch_size, progress=not args.quiet,
+                       **kw)
+    for record in metrics.pop("predictions", []):
+        predictions.append({"arm": label, **record})
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _write_predictions(out: str, predictions: list) -> None:
+    if predictions:
+        atomic_write(os.path.join(out, "predictions.jsonl"),
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions))
 
 
 def _log(args, message: str) -> None:
@@ -390,7 +405,7 @@ def cmd_export(args) -> int:
         return _export_gguf(args)
     model, tokenizer = load_model_from_args(args)
     load_adapter(model, args.adapter, backend=args.backend)
-    export(model, args.out, tokenizer=tokenizer)
+    export(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(f"wrote a plain Hugging Face checkpoint (loads with AutoModelForCausalLM) to {args.out}")
     return 0
 
@@ -450,9 +465,14 @@ def _previous_results(path: str, info: dict) -> dict:
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             previous = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"--resume: {path} is unreadable ({type(exc).__name__}: {exc}); every stage runs again",
+              file=sys.stderr, flush=True)
+        return {}
+    if not isinstance(previous, dict):
+        print(f"--resume: {path} is not a results object; every stage runs again", file=sys.stderr, flush=True)
         return {}
 
     def later_stages(hyper):  # step 1's settings are checked with the selection itself
@@ -501,9 +521,9 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
     """Base, LoFiT and random-heads (same K) on one task; writes results.json, selection.json, heads.png and
     the LoFiT adapter to args.out and returns the results."""
     from .adapter import save_adapter
-    from .analysis import plot_head_scores
+    from .analysis import plot_head_scores, plot_losses
     from .methods import default_k, random_heads
-    from .patch import unpatch
+    from .patch import find_attention_sites, unpatch
 
     start = time.perf_counter()
     out = args.out
@@ -513,6 +533,9 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
     if model is None:
         model, tokenizer = load_model_from_args(args)
     k = args.k or default_k(model)
+    total = sum(site.num_heads for site in find_attention_sites(model))
+    if k > total:
+        raise UserError(f"--k {k}: the model has only {total} heads")
     hyper = {**_hyperparameters(args), "task": args.task, "model": args.model, "k": k}
     seconds: Dict[str, float] = {}
     results: Dict[str, object] = {"task": args.task, "model": args.model, "k": k}
@@ -527,6 +550,11 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
     }
     resume = getattr(args, "resume", False)
     previous = _previous_results(results_path, info) if resume else {}
+    predictions: list = []  # generations with their gold answers, every arm (predictions.jsonl)
+    if resume and os.path.isfile(os.path.join(out, "predictions.jsonl")):
+        with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
+            kept = {"the base model"} if "base" in previous else set()
+            predictions = [r for r in map(json.loads, f) if r.get("arm") in kept]
 
     def checkpoint(**fields):
         """results.json grows after every stage, so a long run shows its progress and keeps what it has."""
@@ -541,8 +569,9 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
         seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
     else:
         t = time.perf_counter()
-        base = _evaluate(args, model, tokenizer, eval_items, "the base model")
+        base = _evaluate(args, model, tokenizer, eval_items, "the base model", predictions)
         seconds["eval_base"] = round(time.perf_counter() - t, 1)
+        _write_predictions(out, predictions)
     checkpoint(base=base)
 
     given = getattr(args, "selection", None)
@@ -585,8 +614,9 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
         if name == "lofit":
             save_adapter(tuned, adapter_dir, selection=selection, method="lofit", hyperparameters=hyper)
         t = time.perf_counter()
-        metrics = _evaluate(args, tuned, tokenizer, eval_items, label)
+        metrics = _evaluate(args, tuned, tokenizer, eval_items, label, predictions)
         seconds[stages[1]] = round(time.perf_counter() - t, 1)
+        _write_predictions(out, predictions)
         trainable = _trainable(tuned)
         unpatch(tuned)
         return metrics, trainable
@@ -603,6 +633,8 @@ def run_experiment(args, train_items, eval_items, *, model=None, tokenizer=None)
     rand, _ = step2("random", rand_heads, reuse, f"baseline: tuning v on {k} random heads {rand_heads} ...",
                     "random heads", ("tune_random", "eval_random"))
     checkpoint(random=rand)
+    if any(isinstance(v, list) and v for v in info["train_loss"].values()):
+        plot_losses(info["train_loss"], os.path.join(out, "losses.png"), title=f"LoFiT training loss ({args.task})")
     merged = {**results, **info}
     return {**{key: merged[key] for key in RESULT_KEYS}, **merged}
 
@@ -617,7 +649,7 @@ def _print_results(results: dict, out: str) -> None:
     print(_table({"base": results["base"], label: results["lofit"],
                   f"random {k} heads": results["random"]}))
     names = {"results.json": "results.json", "selection.json": "selection.json", "heads.png": "heads.png (heat map)",
-             "adapter": "adapter/"}
+             "losses.png": "losses.png", "predictions.jsonl": "predictions.jsonl", "adapter": "adapter/"}
     print(f"\noutputs in {out}: " + ", ".join(v for k, v in names.items() if os.path.exists(os.path.join(out, k))))
 
 
@@ -794,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf", "gguf", "control-vector"), default="hf",
                    help="hf (default): HF checkpoint; gguf: the model's GGUF with the adapter merged (offsets as "
                         "blk.N.attn_output.bias); control-vector: --vectors as a llama.cpp control-vector GGUF")
+    p.add_argument("--overwrite", action="store_true", help="hf: replace a non-empty --out folder")
     p.add_argument("--requantize", action="store_true",
                    help="gguf: re-quantize scaled attn_output weights to the source type (default: float32, exact)")
     p.add_argument("--vectors", help="control-vector: steering vectors (safetensors, keys layers.N)")
@@ -862,11 +895,56 @@ def _fill_task_defaults(args) -> None:
         args.l1 = official["l1"]
 
 
+def _writable_folder(path: str, flag: str) -> None:
+    """The folder can be created and written: its nearest existing ancestor is a writable folder."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable")
+
+
+def check_args(args) -> None:
+    """Every argument and path checked before anything is loaded: a mistake costs no model load and no
+    evaluation, and leaves no files behind."""
+    from .adapter.schema import CONFIG_NAME
+    from .ops import check_backend_name
+
+    backend = getattr(args, "backend", None)
+    if backend is not None:
+        try:
+            check_backend_name(backend)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"--backend {backend}: {exc}") from None
+    if getattr(args, "selection", None) and not os.path.isfile(args.selection):
+        raise UserError(f"selection file not found: {args.selection}")
+    adapter = getattr(args, "adapter", None)
+    if isinstance(adapter, str) and adapter and not os.path.isfile(os.path.join(adapter, CONFIG_NAME)):
+        raise UserError(f"--adapter {adapter}: not an adapter folder (no {CONFIG_NAME}; see lofit-fast tune)")
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and out:
+        _writable_folder(out if args.command != "export" or not out.endswith(".gguf") else os.path.dirname(out) or ".",
+                         "--out")
+    if args.command == "export" and getattr(args, "format", "hf") == "hf":
+        source = os.path.abspath(args.model) if os.path.isdir(args.model) else None
+        if source is not None and os.path.abspath(args.out) == source:
+            raise UserError(f"--out {args.out} is the model folder: exporting there would replace the base model's "
+                            "own files; choose another --out")
+        if os.path.isdir(args.out) and os.listdir(args.out) and not getattr(args, "overwrite", False):
+            raise UserError(f"--out {args.out} is not empty; pass --overwrite to replace it")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _fill_task_defaults(args)
     try:
+        check_args(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("lofit-fast: interrupted", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Loading the models this project runs on, with no network: packaged GGUF files or local directories."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -111,6 +112,32 @@ def quantize_base(model, scheme: str = "int8"):
     return model
 
 
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """Loading bars on or off: transformers' own follow its logging switch; the GGUF de-quantization bar is a
+    plain tqdm imported by its module, so that module's name is pointed at a silent tqdm meanwhile."""
+    if show:
+        yield
+        return
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, bar = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name: str = "smollm2",
     *,
@@ -118,8 +145,10 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: Optional[str] = "sdpa",
     quantize: Optional[str] = None,
+    progress: bool = True,
 ):
     """(model, tokenizer) from a short name, a .gguf file or a local HF directory; never touches the hub.
+    progress=False hides the loading bars (transformers' GGUF de-quantization bar is a plain tqdm).
 
     A GGUF model comes back as a plain float model (its weights are dequantized on load, and the GGUF
     quantizer mark is dropped), so `transformers.Trainer` and `save_pretrained` accept it.
@@ -133,10 +162,11 @@ def load_model(
     kwargs = dict(local_files_only=True)
     if gguf is not None:
         kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
+    with _progress_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if gguf is not None:

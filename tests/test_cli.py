@@ -75,6 +75,14 @@ def test_run_generation_tasks_report_accuracy_on_val(model_dir, tmp_path, task):
     assert results["eval_split"] == "val" and results["k"] == 1  # 3 % of 8 heads, at least one
     for name in ("base", "lofit", "random"):
         assert set(results[name]) == {"accuracy"} and 0.0 <= results[name]["accuracy"] <= 1.0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    n = results["eval_examples"]
+    assert [p["arm"] for p in predictions] == ["the base model"] * n + ["LoFiT"] * n + ["random heads"] * n
+    assert all({"prompt", "generated", "prediction", "answers", "correct"} <= set(p) for p in predictions)
+    for arm, name in (("the base model", "base"), ("LoFiT", "lofit"), ("random heads", "random")):
+        rows = [p for p in predictions if p["arm"] == arm]
+        assert sum(p["correct"] for p in rows) / n == pytest.approx(results[name]["accuracy"])
+    assert (out / "losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_select_tune_eval_merge_export(model_dir, tmp_path, capsys):
@@ -241,3 +249,59 @@ def test_paired_eval_reproduces_a_run_and_writes_intervals(model_dir, tmp_path, 
     assert sorted(report["paired"]) == sorted(f"lofit - {o} ({m})" for o in ("base", "random") for m in metrics)
     for stats in report["paired"].values():
         assert stats["ci_low"] <= stats["mean_diff"] <= stats["ci_high"] and 0.0 <= stats["p_not_better"] <= 1.0
+
+
+def test_arguments_are_checked_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
+    """Each mistake fails at once, with no model load, no evaluation, and no file written."""
+    import lofit_fast.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(lofit_fast.models, "load_model", no_load)
+    out = tmp_path / "out"
+    cases = [
+        (["run", "--backend", "bogus", "--task", "clutrr", "--data", FIXTURES, "--out", out], "--backend bogus"),
+        (["tune", "--task", "clutrr", "--data", FIXTURES, "--selection", tmp_path / "none.json", "--out", out],
+         "selection file not found"),
+        (["export", "--adapter", tmp_path / "nothing", "--out", out], "not an adapter folder"),
+        (["eval", "--task", "clutrr", "--data", FIXTURES, "--adapter", tmp_path, "--out", out], "not an adapter folder"),
+    ]
+    for argv, message in cases:
+        assert run_cli(*argv, "--model", model_dir) == 1
+        assert message in one_error_line(capsys)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if not os.access(readonly, os.W_OK):  # root may write anywhere: nothing to test then
+            assert run_cli("run", "--task", "clutrr", "--data", FIXTURES, "--out", readonly / "x",
+                           "--model", model_dir) == 1
+            assert "not writable" in one_error_line(capsys)
+    finally:
+        readonly.chmod(0o700)
+    assert not out.exists()
+
+
+def test_export_refuses_a_non_empty_out_and_the_model_folder(model_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    assert run_cli("tune", "--model", model_dir, "--task", "clutrr", "--data", FIXTURES, "--random", "--k", 1,
+                   "--out", adapter, *FAST) == 0
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli("export", "--model", model_dir, "--adapter", adapter, "--out", out) == 1
+    assert "not empty; pass --overwrite" in one_error_line(capsys)
+    assert run_cli("export", "--model", model_dir, "--adapter", adapter, "--out", model_dir, "--overwrite") == 1
+    assert "is the model folder" in one_error_line(capsys)
+    assert run_cli("export", "--model", model_dir, "--adapter", adapter, "--out", out, "--overwrite") == 0
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_resume_says_when_results_json_is_corrupt(tmp_path, capsys):
+    from lofit_fast.cli import _previous_results
+
+    path = tmp_path / "results.json"
+    path.write_text('{"task": "clutrr", "base": ')
+    assert _previous_results(str(path), {}) == {}
+    assert "is unreadable" in capsys.readouterr().err

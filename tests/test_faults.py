@@ -104,3 +104,10 @@ def test_a_failed_export_leaves_no_half_written_checkpoint(tmp_path, monkeypatch
         lofit_fast.export(model, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.slow
+def test_quiet_loading_prints_no_gguf_bar(capfd):
+    lofit_fast.load_model("smollm2", progress=False)
+    err = capfd.readouterr().err
+    assert "de-quantizing" not in err and "Loading weights" not in err
