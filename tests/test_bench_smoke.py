@@ -2,36 +2,25 @@
 and workload, the rows, CSV, markdown and plot they write, the provider swaps, and the memory measurement.
 No timing assertions: times on a shared CI machine mean nothing."""
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from bench_scripts import load_bench
 
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    return _load("e2e_bench")
+    return load_bench("e2e_bench")
 
 
 @pytest.fixture(scope="module")
 def plots():
-    return _load("plot_e2e")
+    return load_bench("plot_e2e")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 the script parses, the goals of bench/gpu_summary.py come out right on small hand-made CSVs (met, not met, not
 measured), the dispatch table derived from op_bench rows, and the benchmark options the script relies on."""
 import csv
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,24 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_scripts import load_bench
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 SCRIPT = BENCH / "gpu_check.sh"
 
 
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def summary():
-    return _load("gpu_summary")
+    return load_bench("gpu_summary")
 
 
 # ------------------------------------------------------------------------------------------------ the script
@@ -178,7 +169,7 @@ def test_dispatch_cli_without_gpu_rows_writes_an_empty_valid_table(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bench options
 def test_op_bench_default_times_a_on_a_few_heads_and_the_preset():
-    op = _load("op_bench")
+    op = load_bench("op_bench")
     default = op.parse_args([])
     assert ("4", "both") in default.cases and ("all", "lofit") in default.cases
     preset = op.parse_args(["--preset", "gpu-check", "--providers", "linear,triton"])
@@ -199,7 +190,7 @@ def test_op_bench_refuses_cuda_without_a_gpu(tmp_path):
 
 
 def test_e2e_bench_takes_forced_backends():
-    e2e = _load("e2e_bench")
+    e2e = load_bench("e2e_bench")
     wanted = ["floor", "fused-cuda", "fused-triton", "hooks", "hooks_loop", "lora", "base", "merged"]
     assert e2e.providers_for("step1", wanted) == ["floor", "hooks", "hooks_loop", "lora", "fused-cuda", "fused-triton"]
     assert e2e.providers_for("decode", wanted) == ["base", "hooks", "merged", "fused-cuda", "fused-triton"]
