@@ -3,7 +3,6 @@ and workload, the rows, CSV, markdown and plot they write, the provider swaps, a
 No timing assertions: times on a shared CI machine mean nothing."""
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
