@@ -112,6 +112,29 @@ def quantize_base(model, scheme: str = "int8"):
     return model
 
 
+def drop_dequantized_gguf_marker(model) -> None:
+    """A model read from a .gguf file is dequantized to plain float tensors by transformers, but keeps a GGUF
+    quantizer that makes `save_pretrained` and `transformers.Trainer` refuse it. Drop that marker when every
+    tensor is a float (load_model does, and export on its copy); a model that really holds quantized weights is
+    an error."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    method = getattr(method, "value", method)
+    packed = [name for name, t in model.state_dict().items() if not t.is_floating_point()]
+    if method != "gguf" or packed:
+        raise RuntimeError(
+            f"cannot export a model quantized with {method} (e.g. {packed[:2]}): export writes plain float weights; "
+            "load the model unquantized (lofit_fast.models.load_model dequantizes GGUF files)"
+        )
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 @contextlib.contextmanager
 def _progress_bars(show: bool):
     """Loading bars on or off: transformers' own follow its logging switch; the GGUF de-quantization bar is a
@@ -172,8 +195,6 @@ def load_model(
     if gguf is not None:
         # transformers dequantizes GGUF weights to plain floats but keeps the GGUF quantizer mark, which makes
         # `transformers.Trainer` ("purely quantized models") and `save_pretrained` refuse the model.
-        from .adapter.export import drop_dequantized_gguf_marker
-
         drop_dequantized_gguf_marker(model)
     model.to(device)
     if quantize is not None:

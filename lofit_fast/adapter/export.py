@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..hooks import hooked_modules
+from ..models import drop_dequantized_gguf_marker
 from ..patch import patched_modules
 from .merge import merge
 
@@ -48,28 +49,6 @@ def _unsupported(model: nn.Module, keys) -> RuntimeError:
         "Keep the adapter with lofit_fast.save_adapter instead, or tune with offset=False (a scale-only "
         "intervention merges into the weights alone)."
     )
-
-
-def drop_dequantized_gguf_marker(model: nn.Module) -> None:
-    """A model read from a .gguf file is dequantized to plain float tensors by transformers, but keeps a GGUF
-    quantizer that makes `save_pretrained` refuse. On the export copy, drop that marker when every tensor is
-    a float; a model that really holds quantized weights is an error."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    method = getattr(quantizer.quantization_config, "quant_method", None)
-    method = getattr(method, "value", method)
-    packed = [name for name, t in model.state_dict().items() if not t.is_floating_point()]
-    if method != "gguf" or packed:
-        raise RuntimeError(
-            f"cannot export a model quantized with {method} (e.g. {packed[:2]}): export writes plain float weights; "
-            "load the model unquantized (lofit_fast.models.load_model dequantizes GGUF files)"
-        )
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def express_biases_in_config(model: nn.Module) -> None:
