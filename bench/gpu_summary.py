@@ -187,51 +187,38 @@ def _fused(group: Dict[str, Dict[str, str]], column: str) -> Dict[str, float]:
     return {p: _f(r[column]) for p, r in group.items() if p.startswith("fused") and _f(r[column]) is not None}
 
 
+def _fused_against(goal: Goal, groups, workloads, ref: str, column: str, value, best, ok, digits: int,
+                   with_workload: bool = False) -> Goal:
+    """goal's status and figure from every fused provider's `value(fused, reference)` on the rows of
+    `workloads`; the status uses the `best` (min or max) of them, as `auto` would pick that backend."""
+    statuses, parts = [], []
+    for (w, b, s), group in sorted(groups.items()):
+        reference = _f(group.get(ref, {}).get(column))
+        fused = _fused(group, column)
+        if w not in workloads or not reference or not fused:
+            continue
+        values = {p: value(v, reference) for p, v in fused.items()}
+        top = best(values, key=values.get)
+        statuses.append(MET if ok(values[top]) else NOT_MET)
+        label = f"{w} {b}×{s}" if with_workload else f"{b}×{s}"
+        parts.append(f"{label}: {values[top]:.{digits}f}× ({', '.join(f'{p} {v:.{digits}f}' for p, v in values.items())})")
+    goal.status, goal.figure = combine(statuses), "; ".join(parts) or "no rows"
+    return goal
+
+
 def e2e_goals(rows, model) -> List[Goal]:
     groups = _e2e_groups(rows, model)
     goals = []
     for workload, limit in (("step2", 1.02), ("step1", 1.08)):
-        g = Goal(f"e2e {workload.replace('step', 'step ')} time", f"≤ {limit:.2f}× floor")
-        statuses, parts = [], []
-        for (w, b, s), group in sorted(groups.items()):
-            floor = _f(group.get("floor", {}).get("ms_p50"))
-            fused = _fused(group, "ms_p50")
-            if w != workload or not floor or not fused:
-                continue
-            ratios = {p: v / floor for p, v in fused.items()}
-            best = min(ratios, key=ratios.get)
-            statuses.append(MET if ratios[best] <= limit else NOT_MET)
-            parts.append(f"{b}×{s}: {ratios[best]:.3f}× ({', '.join(f'{p} {v:.3f}' for p, v in ratios.items())})")
-        g.status, g.figure = combine(statuses), "; ".join(parts) or "no rows"
-        goals.append(g)
-
-    g = Goal("e2e step 1, official per-head loop vs fused", "hooks_loop ≥ 2× the time of fused")
-    statuses, parts = [], []
-    for (w, b, s), group in sorted(groups.items()):
-        loop = _f(group.get("hooks_loop", {}).get("ms_p50"))
-        fused = _fused(group, "ms_p50")
-        if w != "step1" or not loop or not fused:
-            continue
-        speedups = {p: loop / v for p, v in fused.items()}
-        best = max(speedups, key=speedups.get)
-        statuses.append(MET if speedups[best] >= 2.0 else NOT_MET)
-        parts.append(f"{b}×{s}: {speedups[best]:.2f}× ({', '.join(f'{p} {v:.2f}' for p, v in speedups.items())})")
-    g.status, g.figure = combine(statuses), "; ".join(parts) or "no rows"
-    goals.append(g)
-
-    g = Goal("e2e peak memory, step 1 and step 2", "≤ 1.01× floor")
-    statuses, parts = [], []
-    for (w, b, s), group in sorted(groups.items()):
-        floor = _f(group.get("floor", {}).get("peak_mb"))
-        fused = _fused(group, "peak_mb")
-        if w not in ("step1", "step2") or not floor or not fused:
-            continue
-        ratios = {p: v / floor for p, v in fused.items()}
-        best = min(ratios, key=ratios.get)
-        statuses.append(MET if ratios[best] <= 1.01 else NOT_MET)
-        parts.append(f"{w} {b}×{s}: {ratios[best]:.4f}× ({', '.join(f'{p} {v:.4f}' for p, v in ratios.items())})")
-    g.status, g.figure = combine(statuses), "; ".join(parts) or "no rows"
-    goals.append(g)
+        goals.append(_fused_against(
+            Goal(f"e2e {workload.replace('step', 'step ')} time", f"≤ {limit:.2f}× floor"), groups, (workload,),
+            "floor", "ms_p50", lambda v, ref: v / ref, min, lambda r, limit=limit: r <= limit, 3))
+    goals.append(_fused_against(
+        Goal("e2e step 1, official per-head loop vs fused", "hooks_loop ≥ 2× the time of fused"), groups,
+        ("step1",), "hooks_loop", "ms_p50", lambda v, ref: ref / v, max, lambda r: r >= 2.0, 2))
+    goals.append(_fused_against(
+        Goal("e2e peak memory, step 1 and step 2", "≤ 1.01× floor"), groups, ("step1", "step2"), "floor",
+        "peak_mb", lambda v, ref: v / ref, min, lambda r: r <= 1.01, 4, with_workload=True))
 
     g = Goal("merged decode vs base", "equal within noise (p20–p80 overlap, or within 1 %)")
     statuses, parts = [], []

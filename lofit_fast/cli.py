@@ -931,12 +931,12 @@ def check_args(args) -> None:
         _writable_folder(out if args.command != "export" or not out.endswith(".gguf") else os.path.dirname(out) or ".",
                          "--out")
     if args.command == "export" and getattr(args, "format", "hf") == "hf":
-        source = os.path.abspath(args.model) if os.path.isdir(args.model) else None
-        if source is not None and os.path.abspath(args.out) == source:
-            raise UserError(f"--out {args.out} is the model folder: exporting there would replace the base model's "
-                            "own files; choose another --out")
-        if os.path.isdir(args.out) and os.listdir(args.out) and not getattr(args, "overwrite", False):
-            raise UserError(f"--out {args.out} is not empty; pass --overwrite to replace it")
+        from .adapter.export import check_export_target
+
+        try:
+            check_export_target(args.out, args.overwrite, args.model if os.path.isdir(args.model) else None)
+        except FileExistsError as exc:
+            raise UserError(f"--out {exc}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

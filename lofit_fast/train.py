@@ -294,8 +294,9 @@ def train(
                 continue
             chunk = [examples[i] for i in part]
             if kind == "sft":
-                batch = _move(collate_sft(tokenizer, chunk, max_length=max_length), device)
-                weight = len(part) if loss_fn is not None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                cpu_batch = collate_sft(tokenizer, chunk, max_length=max_length)  # counted here: no device sync
+                weight = len(part) if loss_fn is not None else int((cpu_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                batch = _move(cpu_batch, device)
             else:
                 batch = _move(stack_pairs(collate_preference(tokenizer, chunk, max_length=max_length), pad_id), device)
                 weight = len(part)
@@ -315,8 +316,10 @@ def train(
             order = torch.randperm(n, generator=generator).tolist()
             for first in range(0, n, global_batch):
                 parts = micro_batches(order[first : first + global_batch])
-                total_weight = torch.tensor([sum(w for _, _, w in parts)], dtype=torch.float64, device=device)
-                total_weight = float(rt.all_reduce_(total_weight).item())
+                total_weight = float(sum(w for _, _, w in parts))
+                if rt.distributed:
+                    total_weight = float(rt.all_reduce_(torch.tensor([total_weight], dtype=torch.float64,
+                                                                     device=device)).item())
                 step_task = torch.zeros((), device=device, dtype=_loss_dtype(model))
                 metric_sums: Dict[str, float] = {}
                 penalty = torch.zeros((), device=device)
@@ -344,8 +347,6 @@ def train(
                     if l1 > 0 and rt.is_main and i == len(parts) - 1:  # once per global step
                         penalty = sum(p.abs().sum().float() for p in l1_params)
                         loss = loss + l1 * penalty
-                    if not rt.distributed and len(parts) == 1 and not torch.isfinite(loss):
-                        _raise_non_finite(loss, step, epoch, lr)
                     if scaler is not None:
                         scaler.scale(loss).backward()
                     else:

@@ -113,7 +113,7 @@ def export(
             "the model carries lofit_fast.hooks interventions, which export would drop; use lofit_fast.patch"
         )
     directory = Path(directory)
-    check_export_target(model, directory, overwrite)
+    check_export_target(directory, overwrite, model_source_folder(model))
     work = copy_sharing_tensors(model)
     if patched_modules(work):
         merge(work)
@@ -139,16 +139,17 @@ def model_source_folder(model: nn.Module) -> Optional[Path]:
     return path.resolve() if name and path.is_dir() else None
 
 
-def check_export_target(model: nn.Module, directory: Path, overwrite: bool) -> None:
-    """Refuse, before any work, a target that is the model's own folder or a non-empty one (unless told)."""
-    source = model_source_folder(model)
-    if source is not None and directory.resolve() == source:
-        raise FileExistsError(f"{directory} is the folder the model was loaded from: exporting there would "
-                              "replace the base model's own files; choose another --out")
+def check_export_target(directory: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """Refuse, before any work, a target that is the model's own folder (`source`) or a non-empty one (unless
+    `overwrite`)."""
+    directory = Path(directory)
+    if source is not None and directory.resolve() == Path(source).resolve():
+        raise FileExistsError(f"{directory} is the model folder (the folder the model was loaded from): exporting "
+                              "there would replace the base model's own files; choose another --out")
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{directory} is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
 def replace_folder(staging: Path, directory: Path) -> None:

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
-from ..ops.torch_backend import selected_columns
 from ..patch import find_attention_sites
+from .merge import fold_intervention
 from .saving import require_patched
 
 # GGUF architectures whose llama.cpp loader reads an optional attention output bias (LLM_ARCH_LLAMA covers
@@ -148,18 +148,11 @@ def export_gguf(
             )
         # merge with the GGUF's own dequantized weight (the math of merge.merged_linear, in float32), so the
         # untouched columns are exactly the file's
-        Wt = torch.from_numpy(W.copy())
-        cols = selected_columns(m.heads.cpu(), m.head_dim)
-        W_S = Wt.index_select(1, cols)
-        bias = None
-        if m.v is not None:
-            bias = W_S @ m.v.detach().float().cpu().reshape(-1)
-            if m.bias is not None:
-                bias = m.bias.detach().float().cpu() + bias
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        scaled, bias = fold_intervention(torch.from_numpy(W.copy()), cpu(m.bias), m.heads.cpu(), m.head_dim,
+                                         cpu(m.A), cpu(m.v))
         if m.A is not None:
             qname = src.tensor_type.name
-            scaled = Wt.clone()
-            scaled.index_copy_(1, cols, W_S * (1.0 + m.A.detach().float().cpu().reshape(1, -1)))
             weight = scaled.numpy()
             if requantize:
                 if qname not in REQUANTIZABLE:

@@ -1,6 +1,8 @@
 """merge: fold each HeadInterventionLinear into a plain nn.Linear with the same outputs."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -10,6 +12,22 @@ from .saving import require_patched
 
 
 @torch.no_grad()
+def fold_intervention(W: torch.Tensor, b: Optional[torch.Tensor], heads: torch.Tensor, head_dim: int,
+                      A: Optional[torch.Tensor], v: Optional[torch.Tensor]):
+    """(new weight with the columns of head h_k scaled by 1 + A[k], or None without A; b + W_S · v, or None
+    without v), the math in float32 and each result cast once to W's dtype. W and b are not modified."""
+    cols = selected_columns(heads, head_dim)
+    W_S = W.detach().index_select(1, cols).float()
+    weight = bias = None
+    if A is not None:
+        weight = W.detach().clone()
+        weight.index_copy_(1, cols, (W_S * (1.0 + A.detach().float().reshape(1, -1))).to(W.dtype))
+    if v is not None:
+        shift = W_S @ v.detach().float().reshape(-1)
+        bias = (shift if b is None else b.detach().float() + shift).to(W.dtype)
+    return weight, bias
+
+
 def merged_linear(module: HeadInterventionLinear) -> nn.Linear:
     """A new nn.Linear equal to `module`: weight columns of head h_k scaled by (1 + A[k]), and the bias plus
     W_S · v (a bias is created when the module had none and has an offset).
@@ -18,16 +36,10 @@ def merged_linear(module: HeadInterventionLinear) -> nn.Linear:
     (shared with the original o_proj) is not modified.
     """
     W, b = module.weight, module.bias
-    cols = selected_columns(module.heads, module.head_dim)
-    W_S = W.detach().index_select(1, cols).float()
-    weight = W.detach().clone()
-    if module.A is not None:
-        weight.index_copy_(1, cols, (W_S * (1.0 + module.A.detach().float().reshape(1, -1))).to(W.dtype))
-    bias = None
-    if module.v is not None:
-        shift = W_S @ module.v.detach().float().reshape(-1)
-        bias = (shift if b is None else b.detach().float() + shift).to(W.dtype)
-    elif b is not None:
+    weight, bias = fold_intervention(W, b, module.heads, module.head_dim, module.A, module.v)
+    if weight is None:
+        weight = W.detach().clone()
+    if bias is None and b is not None:
         bias = b.detach().clone()
     out = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
     out.weight = nn.Parameter(weight, requires_grad=W.requires_grad)

@@ -1,6 +1,7 @@
 """`head_affine_linear`: y = x' Wᵀ (+ b) with x'_S = (1 + A) ⊙ x_S + v on the selected heads' columns."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -45,11 +46,11 @@ def quantized_head_affine_linear(x, weight, bias, heads, A, v, head_dim, w_sel=N
     the base GEMM runs on the quantized weight (its own kernel; dx flows back through it), the thin GEMM and
     the offset row use W_S = the dequantized selected columns (`w_sel`, computed here when not given).
     Plain autograd: dx, dA, dv as for the float op; only x_S is kept for dA."""
-    if w_sel is None:
-        w_sel = dequantized_columns(weight, heads, head_dim)
     y = F.linear(x, weight, bias)
     if heads.numel() == 0 or (A is None and v is None):
         return y
+    if w_sel is None:
+        w_sel = dequantized_columns(weight, heads, head_dim)
     if A is not None:
         xs = x.index_select(-1, selected_columns(heads, head_dim))
         t = (acc(xs) * acc(A).reshape(-1)).to(w_sel.dtype)
@@ -154,14 +155,8 @@ class HeadAffineLinearFn(torch.autograd.Function):
         need_dv = ctx.has_v and ctx.needs_input_grad[5]
         if not (need_dx or need_dA or need_dv):
             return (None,) * 8
-        dev = dy.device.type
         # A backward called inside an autocast region must not recast the backend's GEMMs.
-        if dev in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):
-                dx, dA, dv = ctx.backend.backward(
-                    dy.contiguous(), x_sel, weight, heads, A, ctx.head_dim, need_dx, need_dA, need_dv
-                )
-        else:
+        with _autocast_off(dy):
             dx, dA, dv = ctx.backend.backward(
                 dy.contiguous(), x_sel, weight, heads, A, ctx.head_dim, need_dx, need_dA, need_dv
             )
@@ -217,9 +212,16 @@ def head_affine_linear(
     low = autocast_dtype(x)
     if low is not None:
         x, weight, bias, A, v = _autocast_inputs(low, x, weight, bias, A, v)
-        with torch.autocast(x.device.type, enabled=False):
-            return _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate)
-    return _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate)
+    with _autocast_off(x):
+        return _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate)
+
+
+def _autocast_off(t: torch.Tensor):
+    """Autocast off for t's device type while the backends run (a no-op context when it is off already)."""
+    dev = t.device.type
+    if dev in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate):
