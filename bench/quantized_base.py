@@ -223,7 +223,9 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--worker", base, step, "--steps", str(args.steps),
                    "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+            path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # this checkout's lofit_fast
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env=dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=path))
             if out.returncode != 0:
                 raise SystemExit(f"worker {base} {step} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
