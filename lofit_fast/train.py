@@ -27,14 +27,23 @@ float32 the loop is the one it always was (same batches, losses and parameters; 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
+import random
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 
+from ._files import TEMP_SUFFIX, atomic_write
+from .data import collate_preference, collate_sft, pad_token_id
+from .losses import IGNORE_INDEX, completion_loss, dpo_loss, sequence_logprobs
 from .patch import disabled
 
 KINDS = ("sft", "dpo")
@@ -71,9 +80,6 @@ def stack_pairs(batch: Dict[str, torch.Tensor], pad_token_id: int) -> Dict[str, 
 
 
 def _pair_logprobs(model, tokenizer, examples, max_length) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .data import collate_preference, pad_token_id
-    from .losses import sequence_logprobs
-
     batch = collate_preference(tokenizer, list(examples), max_length=max_length)
     stacked = _move(stack_pairs(batch, pad_token_id(tokenizer)), _model_device(model))
     logps = sequence_logprobs(model, stacked["input_ids"], stacked["attention_mask"], stacked["labels"])
@@ -195,6 +201,231 @@ def _sum_gradients(rt: Runtime, params: List[nn.Parameter]) -> None:
         offset += n
 
 
+# ------------------------------------------------------------------------------------------ checkpoints
+CHECKPOINT_FORMAT = "lofit_fast.train_checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_MANIFEST = "checkpoint.json"
+_TENSORS_PREFIX = "checkpoint-"
+_TENSORS_SUFFIX = ".safetensors"
+
+# Test hook: called with the step number after a checkpoint's tensor file is in place and before the manifest
+# that names it is written (the one window in which a kill leaves two generations side by side).
+_between_checkpoint_writes: Optional[Callable[[int], None]] = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be resumed from: unreadable, incomplete, or from another run."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint in the folder was written by a run with other settings."""
+
+
+def _fingerprint(model: nn.Module, params: List[nn.Parameter], l1_params: List[nn.Parameter], examples: List,
+                 settings: Dict[str, object]) -> Dict[str, object]:
+    """What must be equal for a checkpoint to continue this run: the hyperparameters, the trained parameters'
+    names, shapes and dtypes, and the data (its size and a hash of its content)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    data = hashlib.sha256()
+    for example in examples:
+        data.update(repr(example).encode("utf-8"))
+        data.update(b"\0")
+    return {
+        **settings,
+        "examples": len(examples),
+        "examples_sha256": data.hexdigest(),
+        "params": [[names.get(id(p), f"<not in the model: {i}>"), list(p.shape), str(p.dtype).replace("torch.", "")]
+                   for i, p in enumerate(params)],
+        "l1_params": [names.get(id(p), f"<not in the model: {i}>") for i, p in enumerate(l1_params)],
+    }
+
+
+def _rng_state(device: torch.device) -> Dict[str, object]:
+    """This process's random states: torch (CPU, and this rank's CUDA device if used), Python's `random`, and
+    numpy's global one if numpy has been imported."""
+    state: Dict[str, object] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": None,
+                                "cuda": None}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        state["numpy"] = np.random.get_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, object], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["numpy"] is not None:
+        import numpy as np  # recorded only where numpy was imported, so it is installed
+
+        np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _encode_rng(states: List[Dict[str, object]], tensors: Dict[str, torch.Tensor]) -> List[Dict[str, object]]:
+    """The per-rank RNG states as tensors (into `tensors`) and JSON (returned)."""
+    out = []
+    for rank, st in enumerate(states):
+        version, internal, gauss = st["python"]
+        row: Dict[str, object] = {"python": [version, list(internal), gauss], "numpy": None,
+                                  "cuda": st["cuda"] is not None}
+        tensors[f"rng.{rank}.torch"] = st["torch"]
+        if st["cuda"] is not None:
+            tensors[f"rng.{rank}.cuda"] = st["cuda"].cpu()
+        if st["numpy"] is not None:
+            name, key, pos, has_gauss, cached = st["numpy"]
+            tensors[f"rng.{rank}.numpy"] = torch.from_numpy(key.astype("int64"))
+            row["numpy"] = [name, int(pos), int(has_gauss), float(cached)]
+        out.append(row)
+    return out
+
+
+def _decode_rng(rows: List[Dict[str, object]], tensors: Dict[str, torch.Tensor]) -> List[Dict[str, object]]:
+    out = []
+    for rank, row in enumerate(rows):
+        version, internal, gauss = row["python"]
+        st: Dict[str, object] = {"torch": tensors[f"rng.{rank}.torch"], "python": (version, tuple(internal), gauss),
+                                 "numpy": None, "cuda": tensors[f"rng.{rank}.cuda"] if row["cuda"] else None}
+        if row["numpy"] is not None:
+            name, pos, has_gauss, cached = row["numpy"]
+            st["numpy"] = (name, tensors[f"rng.{rank}.numpy"].numpy().astype("uint32"), pos, has_gauss, cached)
+        out.append(st)
+    return out
+
+
+def _encode_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """The optimizer's state_dict as safetensors tensors (into `tensors`) and JSON scalars and structure."""
+    sd = optimizer.state_dict()
+    state: Dict[str, Dict[str, object]] = {}
+    for idx, entries in sd["state"].items():
+        row: Dict[str, object] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
+                row[key] = {"tensor": f"optimizer.{idx}.{key}"}
+            else:
+                row[key] = {"value": value}
+        state[str(idx)] = row
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()} for group in sd["param_groups"]]
+    tuples = [[k for k, v in group.items() if isinstance(v, tuple)] for group in sd["param_groups"]]
+    return {"state": state, "param_groups": groups, "tuples": tuples}
+
+
+def _decode_optimizer(blob: Dict[str, object], tensors: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    state = {}
+    for idx, row in blob["state"].items():
+        state[int(idx)] = {key: (tensors[entry["tensor"]] if "tensor" in entry else entry["value"])
+                           for key, entry in row.items()}
+    groups = []
+    for group, tuple_keys in zip(blob["param_groups"], blob["tuples"]):
+        groups.append({k: (tuple(v) if k in tuple_keys else v) for k, v in group.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_leftovers(directory: Path, keep: Optional[str]) -> None:
+    """Delete what killed checkpoint writes left behind: temporary files, and tensor files that no manifest
+    names (written just before a kill, or superseded)."""
+    for path in directory.iterdir():
+        name = path.name
+        stale_temp = name.startswith((f".{CHECKPOINT_MANIFEST}.", f".{_TENSORS_PREFIX}")) and name.endswith(TEMP_SUFFIX)
+        orphan = name.startswith(_TENSORS_PREFIX) and name.endswith(_TENSORS_SUFFIX) and name != keep
+        if stale_temp or orphan:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _fingerprint_differences(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            a, b = json.dumps(old.get(key)), json.dumps(new.get(key))
+            a = a if len(a) <= 80 else a[:77] + "..."
+            b = b if len(b) <= 80 else b[:77] + "..."
+            out.append(f"{key}: {a} in the checkpoint, {b} now")
+    return out
+
+
+def read_checkpoint(directory, fingerprint: Optional[Dict[str, object]] = None) -> Optional[Dict[str, object]]:
+    """The checkpoint in `directory` as {"meta": the manifest (JSON), "tensors": {name: tensor}}, or None when
+    the folder holds none. With `fingerprint`, a checkpoint written by a run with other settings raises
+    CheckpointMismatchError naming every difference; an unreadable one raises CheckpointError."""
+    directory = Path(directory)
+    manifest = directory / CHECKPOINT_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{manifest} is not a readable checkpoint manifest ({e}); delete {directory} "
+                              f"to start over") from e
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{manifest} is not a lofit_fast training checkpoint (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{manifest} has checkpoint version {meta.get('version')!r}; this lofit_fast reads "
+                              f"version {CHECKPOINT_VERSION}")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        diffs = _fingerprint_differences(meta.get("fingerprint") or {}, fingerprint)
+        raise CheckpointMismatchError(
+            f"the checkpoint in {directory} was written by a training run with other settings, so it cannot be "
+            f"resumed: " + "; ".join(diffs) + f". Use another checkpoint_dir, or delete {manifest} to start over "
+            f"(nothing is discarded automatically)"
+        )
+    tensor_file = directory / str(meta.get("tensors"))
+    if not tensor_file.is_file():
+        raise CheckpointError(f"{manifest} names {tensor_file.name}, which is missing")
+    digest = _sha256(tensor_file)
+    if digest != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{tensor_file} does not match the hash recorded in {manifest} (corrupted file)")
+    try:
+        tensors = safetensors.torch.load_file(tensor_file)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{tensor_file} cannot be read as safetensors: {e}") from e
+    return {"meta": meta, "tensors": tensors}
+
+
+def _write_checkpoint(directory: Path, meta: Dict[str, object], tensors: Dict[str, torch.Tensor]) -> None:
+    """Tensors first (a new file, named by step), then the manifest that names it: each written atomically
+    (temporary file, fsync, os.replace), so after a kill at any instant the manifest names a complete checkpoint
+    (the new one or the previous one)."""
+    step = int(meta["step"])
+    name = f"{_TENSORS_PREFIX}{step:08d}{_TENSORS_SUFFIX}"
+    data = safetensors.torch.save(tensors)
+    atomic_write(directory / name, data)
+    if _between_checkpoint_writes is not None:
+        _between_checkpoint_writes(step)
+    meta = {**meta, "tensors": name, "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write(directory / CHECKPOINT_MANIFEST, json.dumps(meta, indent=1, allow_nan=False))
+    _fsync_dir(directory)
+    _remove_leftovers(directory, keep=name)
+
+
 def train(
     model: nn.Module,
     tokenizer,
@@ -218,6 +449,8 @@ def train(
     grad_accum: int = 1,
     mixed_precision: str = "no",
     loss_fn: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]]] = None,
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: int = 0,
 ) -> Dict[str, object]:
     """Train `params` of `model` on `examples` and return {"history": [...], "steps", "seconds", ...}.
 
@@ -235,11 +468,18 @@ def train(
     {name: float} metrics kept in the history); micro-batches are then weighted by their number of examples.
     Each history row has step, epoch, lr, loss (the total), task_loss, l1 and, for DPO, the loss's metrics;
     with several processes or micro-batches every value is the global batch's.
+    checkpoint_dir / checkpoint_every: every `checkpoint_every` optimizer steps (0: never) and after the last
+    step, write to `checkpoint_dir` (rank 0 only) the trained parameters, the optimizer, scheduler and gradient
+    scaler states, every rank's RNG states (torch CPU and CUDA, Python `random`, numpy's if imported), the data
+    position (next epoch and step, that epoch's shuffled order, the order generator's state) and the history so
+    far: safetensors tensors plus a JSON manifest, each written atomically. When `train` starts and the folder
+    holds a checkpoint of the same run (same fingerprint: hyperparameters, parameter names / shapes / dtypes,
+    number of processes, data size and content hash), it continues from there and ends exactly where the
+    uninterrupted run ends (bit for bit on CPU); a checkpoint of another run raises CheckpointMismatchError
+    (it is never overwritten), an unreadable one CheckpointError. A finished run's checkpoint gives back its
+    parameters and history without training again.
     The model is in train() mode while training and in eval() mode afterwards, even on error.
     """
-    from .data import collate_preference, collate_sft, pad_token_id
-    from .losses import IGNORE_INDEX, completion_loss, dpo_loss, sequence_logprobs
-
     examples = list(examples)
     params = list(params)
     l1_params = params if l1_params is None else list(l1_params)
@@ -247,6 +487,13 @@ def train(
                 grad_accum, mixed_precision)
     if loss_fn is not None and kind != "sft":
         raise ValueError(f"loss_fn replaces the SFT loss; it cannot be used with kind={kind!r}")
+    if not (isinstance(checkpoint_every, int) and not isinstance(checkpoint_every, bool) and checkpoint_every >= 0):
+        raise ValueError(f"checkpoint_every must be an integer >= 0 (optimizer steps; 0: never), got {checkpoint_every!r}")
+    if checkpoint_every > 0 and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir to write the checkpoints to")
+    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if ckpt_dir is not None and ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(f"checkpoint_dir {ckpt_dir} exists and is not a folder")
     rt = runtime(model)
     if rt.distributed and _model_device(model) != rt.device:
         model.to(rt.device)
@@ -276,6 +523,16 @@ def train(
         with torch.no_grad():
             for p in params:
                 rt.broadcast_(p.data)
+    fingerprint = None
+    resumed = None
+    if ckpt_dir is not None:
+        fingerprint = _fingerprint(model, params, l1_params, examples, dict(
+            kind=kind, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, processes=rt.world_size,
+            beta=beta, l1=l1, max_grad_norm=max_grad_norm, seed=int(seed), max_length=max_length,
+            schedule=schedule, weight_decay=weight_decay, mixed_precision=mixed_precision,
+            loss_fn=None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+        ))
+        resumed = _load_for_resume(rt, ckpt_dir, fingerprint)
 
     start_time = time.perf_counter()
     ref_chosen = ref_rejected = None
@@ -304,17 +561,52 @@ def train(
         return out
 
     history: List[Dict[str, float]] = []
+    step, start_epoch, start_in_epoch, order = 0, 0, 0, None
+    if resumed is not None:
+        meta, saved = resumed["meta"], resumed["tensors"]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(saved[f"param.{i}"])
+        optimizer.load_state_dict(_decode_optimizer(meta["optimizer"], saved))
+        scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta["scaler"]:
+            scaler.load_state_dict(meta["scaler"])
+        generator.set_state(saved["rng.generator"])
+        _set_rng_state(_decode_rng(meta["rng"], saved)[rt.rank], device)
+        history = list(meta["history"])
+        step, start_epoch, start_in_epoch, order = meta["step"], meta["epoch"], meta["step_in_epoch"], meta["order"]
+
+    def save_checkpoint(next_epoch: int, next_in_epoch: int, epoch_order: Optional[List[int]]) -> None:
+        states = [_rng_state(device)]
+        if rt.distributed:  # every rank's RNG, gathered on rank 0 (a collective: every rank calls it)
+            states = [None] * rt.world_size
+            torch.distributed.all_gather_object(states, _rng_state(device))
+        if not rt.is_main:
+            return
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+        tensors["rng.generator"] = generator.get_state()
+        meta = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
+            "step": step, "total_steps": total_steps, "finished": step == total_steps,
+            "epoch": next_epoch, "step_in_epoch": next_in_epoch, "order": epoch_order,
+            "history": history, "optimizer": _encode_optimizer(optimizer, tensors),
+            "scheduler": scheduler.state_dict(), "scaler": None if scaler is None else scaler.state_dict(),
+            "rng": _encode_rng(states, tensors),
+        }
+        _write_checkpoint(ckpt_dir, meta, tensors)
+
     bar = None
     if progress and rt.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, desc=desc or f"train ({kind})", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc=desc or f"train ({kind})", dynamic_ncols=True)
     model.train()
-    step = 0
     try:
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=generator).tolist()
-            for first in range(0, n, global_batch):
+        for epoch in range(start_epoch, epochs):
+            if order is None:
+                order = torch.randperm(n, generator=generator).tolist()
+            for in_epoch in range(start_in_epoch if epoch == start_epoch else 0, steps_per_epoch):
+                first = in_epoch * global_batch
                 parts = micro_batches(order[first : first + global_batch])
                 total_weight = float(sum(w for _, _, w in parts))
                 if rt.distributed:
@@ -388,9 +680,15 @@ def train(
                 }
                 history.append(row)
                 step += 1
+                if ckpt_dir is not None and (step == total_steps or (checkpoint_every and step % checkpoint_every == 0)):
+                    if in_epoch + 1 == steps_per_epoch:
+                        save_checkpoint(epoch + 1, 0, None)
+                    else:
+                        save_checkpoint(epoch, in_epoch + 1, order)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
+            order = None
     finally:
         if bar is not None:
             bar.close()
@@ -410,7 +708,31 @@ def train(
         "processes": rt.world_size,
         "grad_accum": grad_accum,
         "global_batch": global_batch,
+        "resumed_from_step": None if resumed is None else int(resumed["meta"]["step"]),
     }
+
+
+def _load_for_resume(rt: Runtime, directory: Path, fingerprint: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """The checkpoint to continue from (None: start from scratch). Rank 0 reads and checks it (and removes what
+    killed writes left behind) and sends it to the other ranks, so every rank resumes from the same state or
+    every rank raises the same error."""
+    payload: Tuple = ("none",)
+    if rt.is_main:
+        try:
+            if directory.is_dir():
+                found = read_checkpoint(directory, fingerprint)
+                _remove_leftovers(directory, keep=None if found is None else found["meta"]["tensors"])
+                if found is not None:
+                    payload = ("ok", found)
+        except CheckpointError as e:
+            payload = ("error", type(e).__name__, str(e))
+    if rt.distributed:
+        box = [payload]
+        torch.distributed.broadcast_object_list(box, src=0)
+        payload = box[0]
+    if payload[0] == "error":
+        raise (CheckpointMismatchError if payload[1] == "CheckpointMismatchError" else CheckpointError)(payload[2])
+    return payload[1] if payload[0] == "ok" else None
 
 
 def _loss_dtype(model: nn.Module) -> torch.dtype:

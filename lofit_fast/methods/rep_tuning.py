@@ -26,8 +26,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..data import SFTExample
+from ..eval import score_answers
+from ..losses import completion_loss
 from ..patch import freeze_base, patch, trainable_parameters
-from .activations import model_device, record_residual
+from ..steer import decoder_layers
+from ..train import train as run_loop
+from .activations import model_device, record_residual, residual_activations
 from .repe import HONESTY_DIR, read_statements
 
 MODES = ("in", "out")
@@ -77,8 +82,6 @@ def prompt_positions(labels: torch.Tensor, positions: Sequence[int]) -> torch.Te
 
 # --------------------------------------------------------------------------------------------- training
 def _trainable(model: nn.Module, trainable: str, layers: Sequence[int], heads, init_std: float) -> List[nn.Parameter]:
-    from ..steer import decoder_layers
-
     if trainable == "heads":
         patch(model, heads, scale=True, offset=True, init_std=init_std)
         freeze_base(model)
@@ -128,9 +131,6 @@ def train(
     `lofit_fast.train.train` (AdamW, a linear decay to zero), with this loss; other keywords go to it
     (grad_accum, mixed_precision, schedule, ...), and it runs on several processes the same way.
     """
-    from ..losses import completion_loss
-    from ..train import train as run_loop
-
     examples = list(examples)
     if not examples:
         raise ValueError("no training examples")
@@ -183,8 +183,6 @@ def train(
 def alignment(model: nn.Module, tokenizer, prompts: Sequence[str], directions: Mapping[int, torch.Tensor],
               *, batch_size: int = 8) -> Dict[int, float]:
     """Mean cosine of the last-token residual stream with each layer's direction over `prompts`."""
-    from .activations import residual_activations
-
     acts = residual_activations(model, tokenizer, prompts, layers=sorted(directions), batch_size=batch_size)
     return {layer: float(1 - 2 * cosine_loss(a, directions[layer].float(), "in")) for layer, a in acts.items()}
 
@@ -214,8 +212,6 @@ def ab_completion(letter: str) -> str:
 
 def fact_ab_examples(rows: Sequence[Tuple[str, int]]):
     """SFT examples answering each fact question truthfully: prompt → " (A)" / " (B)"."""
-    from ..data import SFTExample
-
     return [SFTExample(item.prompt, ab_completion(item.honest)) for item in fact_ab_items(rows)]
 
 
@@ -244,8 +240,6 @@ def ab_scores(model: nn.Module, tokenizer, items: Sequence[ABItem], *, batch_siz
               progress: bool = False) -> Dict[str, float]:
     """{"accuracy": fraction where the honest letter's completion is likelier, "p_honest": mean of
     p(honest) / (p(A) + p(B))} from the log-probs of " (A)" and " (B)" after each prompt."""
-    from ..eval import score_answers
-
     if not items:
         raise ValueError("no A/B items")
     pairs = [(item.prompt, ab_completion(letter)) for item in items for letter in LETTERS]
