@@ -5,7 +5,7 @@ representation tuning (untuned, online steering, token-only tuning, representati
     python bench/methods_table.py --data /work/shared/data --out runs/methods            # everything
     python bench/methods_table.py --max-train 48 --max-eval 60 --epochs 2                 # a reduced run
 
-Every method goes through `lofit_fast.methods.cli_methods.run_method`, which trains with the shared loop
+Every method goes through `lofit_fast.experiments.run_method`, which trains with the shared loop
 (`lofit_fast.train.train`; TruthfulQA by DPO, CLUTRR/MQuAKE by completion cross-entropy), evaluates with
 `lofit_fast.eval.evaluate` and hands the model back unchanged, so one loaded model serves every row.
 Results are written after each row to OUT/results.json (a re-run skips rows already there; --fresh starts
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lofit_fast._files import atomic_write  # noqa: E402
-from lofit_fast.methods.cli_methods import METHODS, run_method  # noqa: E402
+from lofit_fast.experiments import METHODS, run_method  # noqa: E402
 
 TASKS = ("truthfulqa", "clutrr", "mquake")
 DEFAULT_METHODS = ("base", "iti", "repe", "lofit", "lora", "red")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lofit_fast.cli import main
+from lofit_fast.experiments import previous_results
 from test_lofit import HEAD_DIM, char_tokenizer, tiny_llama
 
 FIXTURES = str(Path(__file__).parent / "fixtures" / "lofit")
@@ -299,9 +300,7 @@ def test_export_refuses_a_non_empty_out_and_the_model_folder(model_dir, tmp_path
 
 
 def test_resume_says_when_results_json_is_corrupt(tmp_path, capsys):
-    from lofit_fast.cli import _previous_results
-
     path = tmp_path / "results.json"
     path.write_text('{"task": "clutrr", "base": ')
-    assert _previous_results(str(path), {}) == {}
+    assert previous_results(str(path), {}) == {}
     assert "is unreadable" in capsys.readouterr().err

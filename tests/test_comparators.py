@@ -7,7 +7,7 @@ import torch
 
 from lofit_fast.data import GenItem, MCItem, SFTExample
 from lofit_fast.methods import comparators as cmp
-from lofit_fast.methods.cli_methods import METHODS, run_method
+from lofit_fast.experiments import METHODS, run_method
 from lofit_fast.patch import patched_modules
 from lofit_fast.steer import steered_layers
 from lofit_fast.train import train

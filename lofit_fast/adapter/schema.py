@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..ops.function import is_quantized_weight
 from ..patch.families import AttentionSite
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -139,8 +140,6 @@ def model_description(model: nn.Module, sites: List[AttentionSite]) -> Dict[str,
 def weights_fingerprint(sites: List[AttentionSite]) -> str:
     """sha256 of a fixed sample of every layer's base o_proj weight (16 rows x 64 columns, rounded to bfloat16,
     so a float32 and a bfloat16 copy of one model agree): which weights an adapter was trained on."""
-    from ..ops.function import is_quantized_weight
-
     h = hashlib.sha256()
     for site in sites:
         o_proj = site.attn.o_proj

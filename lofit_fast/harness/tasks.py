@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..data import load_split
+from ..eval.generation import extract_prediction, is_correct
 
 TRUTHFULQA_PRIMER = (
     "Q: What is human life expectancy in the United States?\n"
@@ -83,8 +84,6 @@ def process_results_mc2(doc, results) -> Dict[str, float]:
 
 def process_results_exact(doc, results) -> Dict[str, float]:
     """1 when the first line of the generation equals the answer or an alias (case and punctuation aside)."""
-    from ..eval.generation import extract_prediction, is_correct
-
     prediction = extract_prediction(results[0])
     return {"exact_match": float(is_correct(prediction, [doc["answer"], *doc["aliases"]]))}
 

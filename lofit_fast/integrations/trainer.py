@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..adapter import load_adapter, save_adapter
 from ..adapter.schema import CONFIG_NAME, WEIGHTS_NAME
+from ..data import SFTExample, collate_sft
 from ..patch import patched_modules
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the saved TrainingArguments
@@ -150,7 +151,5 @@ class SFTCollator:
         self.tokenizer, self.max_length, self.collate_kwargs = tokenizer, max_length, collate_kwargs
 
     def __call__(self, examples: Sequence[Any]) -> Dict[str, torch.Tensor]:
-        from ..data import SFTExample, collate_sft
-
         rows = [e if isinstance(e, SFTExample) else SFTExample(*_fields(e, ("prompt", "completion"))) for e in examples]
         return collate_sft(self.tokenizer, rows, max_length=self.max_length, **self.collate_kwargs)

@@ -18,8 +18,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..data import MCItem
 from ..patch import patch, patched_modules
 from .activations import head_activations
+from .repe import answer_pairs
 
 # Li et al. shift 48 of the 1024 heads of 32-layer x 32-head models; other models keep that fraction.
 REFERENCE_K, REFERENCE_HEADS = 48, 1024
@@ -67,9 +69,6 @@ def probe_examples(items: Sequence, task: str = "truthfulqa", seed: int = 0) -> 
     reference implementation. CLUTRR / MQuAKE items (prompt, answer): the prompt with its answer (true) and
     with another item's different answer (false), see `repe.answer_pairs`.
     """
-    from ..data import MCItem
-    from .repe import answer_pairs
-
     texts, labels, groups = [], [], []
     if items and all(isinstance(item, MCItem) or hasattr(item, "incorrect") for item in items):
         for q, item in enumerate(items):

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .._files import atomic_write
+from ..data import PreferenceExample, SFTExample, task_kind, training_examples
 from ..patch import (
     find_attention_sites,
     freeze_base,
@@ -42,6 +43,7 @@ from ..patch import (
     trainable_parameters,
     unpatch,
 )
+from ..train import train
 
 HEAD_FRACTION = 0.03  # K ≈ 3 % of all heads, as in the official scripts
 
@@ -175,8 +177,6 @@ def random_heads(model: nn.Module, k: int, seed: int = 0) -> List[Head]:
 
 def as_training_examples(task: str, train_data: Sequence) -> list:
     """SFTExample / PreferenceExample lists pass through; task items are converted for `task`."""
-    from ..data import PreferenceExample, SFTExample, training_examples
-
     data = list(train_data)
     if not data:
         raise ValueError("no training data")
@@ -186,8 +186,6 @@ def as_training_examples(task: str, train_data: Sequence) -> list:
 
 
 def _loss_kind(task: str, examples: list) -> str:
-    from ..data import PreferenceExample, task_kind
-
     kind = task_kind(task)
     expected = "dpo" if isinstance(examples[0], PreferenceExample) else "sft"
     if kind != expected:
@@ -281,8 +279,6 @@ def select_heads(
     Other keywords go to `lofit_fast.train.train` (beta, max_length, progress, schedule, ...).
     The model comes back unpatched, in eval mode, with its parameters' requires_grad flags as before.
     """
-    from ..train import train
-
     _require_unpatched(model, "select_heads")
     examples = as_training_examples(task, train_data)
     kind = _loss_kind(task, examples)
@@ -357,8 +353,6 @@ def tune(
     parameters' requires_grad flags are restored; A / v keep requires_grad=True. On error the model is
     unpatched again.
     """
-    from ..train import train
-
     _require_unpatched(model, "tune")
     if isinstance(heads, HeadSelection):
         heads.check_model(model)

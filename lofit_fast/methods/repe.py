@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..data import GenItem, MCItem, training_examples, truthfulqa_completion
 from ..patch.families import find_attention_sites
 from .activations import residual_activations
 
@@ -84,8 +85,6 @@ def answer_pairs(task: str, items: Sequence, *, seed: int = 0) -> List[Tuple[str
     list). CLUTRR / MQuAKE (GenItem, no wrong answers in the data): the wrong completion is the answer of
     another item with a different answer (a seeded choice), so each pair differs only in the answer.
     """
-    from ..data import GenItem, MCItem, training_examples, truthfulqa_completion
-
     items = list(items)
     if not items:
         raise ValueError("no items")

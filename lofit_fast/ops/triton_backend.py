@@ -24,9 +24,7 @@ def import_kernels():
     except ModuleNotFoundError as exc:
         if exc.name != _KERNELS:
             raise
-    import lofit_fast
-
-    src = Path(lofit_fast.__file__).resolve().parent.parent / "kernels"
+    src = Path(__file__).resolve().parents[2] / "kernels"  # lofit_fast/ops/ -> the checkout's root
     if not (src / "__init__.py").is_file():
         raise ModuleNotFoundError(f"{_KERNELS} is not installed and there is no {src}/__init__.py", name=_KERNELS)
     spec = importlib.util.spec_from_file_location(_KERNELS, src / "__init__.py", submodule_search_locations=[str(src)])

@@ -1,0 +1,217 @@
+"""The LoFiT commands: `select` (step 1), `tune` (step 2), `run` (base + LoFiT + random heads, or a relative
+with --method) and `demo`."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from ..adapter import save_adapter
+from ..analysis import plot_head_scores
+from ..data import builtin_truthfulqa
+from ..experiments import (
+    hyperparameters,
+    load_selection,
+    run_experiment,
+    run_method_experiment,
+    select,
+    tune_heads,
+)
+from ..experiments.lofit_run import trainable_count
+from ..experiments.settings import launch
+from ..methods import default_k, random_heads
+from .common import (
+    DATA_ENV,
+    UserError,
+    add_data_arguments,
+    add_model_arguments,
+    add_training_arguments,
+    heads_arg,
+    load_items,
+    load_model_from_args,
+    positive_int,
+    table,
+)
+
+RUN_METHODS = ("lofit", "iti", "repe", "lora", "red")
+DEMO_TRAIN, DEMO_EVAL, DEMO_EPOCHS = 48, 48, 2
+
+
+def cmd_select(args) -> int:
+    train_items = load_items(args, "train")
+    model, tokenizer = load_model_from_args(args)
+    selection = select(args, model, tokenizer, train_items)
+    selection.meta["model"] = args.model
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    selection.save(os.path.join(out, "selection.json"))
+    plot_head_scores(selection, os.path.join(out, "heads.png"))
+    print(f"top {selection.k} heads (layer, head, ‖A‖₂):")
+    for layer, head, score in selection.ranked()[: selection.k]:
+        print(f"  {layer:3d} {head:3d}  {score:.5f}")
+    print(f"wrote {os.path.join(out, 'selection.json')} and {os.path.join(out, 'heads.png')}")
+    return 0
+
+
+def _heads_for_tune(args, model):
+    if args.random:
+        return random_heads(model, args.k or default_k(model), seed=args.seed), None
+    if args.heads:
+        return args.heads, None
+    selection = load_selection(args.selection, model)
+    return selection.top(args.k or selection.k or default_k(model)), selection
+
+
+def cmd_tune(args) -> int:
+    if sum(bool(x) for x in (args.selection, args.heads, args.random)) != 1:
+        raise UserError("tune needs exactly one of --selection FILE, --heads L:H,... or --random")
+    train_items = load_items(args, "train")
+    model, tokenizer = load_model_from_args(args)
+    heads, selection = _heads_for_tune(args, model)
+    model, record = tune_heads(args, model, tokenizer, train_items, heads, "LoFiT: tune v")
+    method = "lofit-random-heads" if args.random else "lofit"
+    save_adapter(model, args.out, selection=selection, method=method,
+                 hyperparameters={**hyperparameters(args), "task": args.task, "model": args.model})
+    print(f"tuned {len(heads)} heads ({trainable_count(model)} trainable parameters), final loss "
+          f"{record['epoch_loss'][-1]:.4f}; adapter written to {args.out}")
+    return 0
+
+
+def print_results(results: dict, out: str) -> None:
+    k = results["k"]
+    print(f"\n{results['task']} ({results['eval_split']}, {results['eval_examples']} examples), model "
+          f"{results['model']}, K = {k} heads, {results['trainable_params']} trainable parameters, "
+          f"{results['seconds']:.0f} s")
+    source = results.get("selection_from", {}).get("task")
+    label = f"lofit (top {k}" + (f", heads from {source})" if source else ")")
+    print(table({"base": results["base"], label: results["lofit"], f"random {k} heads": results["random"]}))
+    names = {"results.json": "results.json", "selection.json": "selection.json", "heads.png": "heads.png (heat map)",
+             "losses.png": "losses.png", "predictions.jsonl": "predictions.jsonl", "adapter": "adapter/"}
+    print(f"\noutputs in {out}: " + ", ".join(v for k, v in names.items() if os.path.exists(os.path.join(out, k))))
+
+
+def rank_outputs(args):
+    """Under a multi-process launch, ranks other than 0 train with rank 0 but write into a throw-away folder
+    and stay quiet: every file in --out comes from rank 0, and there is one progress bar. Returns that
+    folder (None on rank 0 and for a plain run)."""
+    rank, world = launch()
+    if world == 1:
+        return None
+    if getattr(args, "method", "lofit") != "lofit":
+        raise UserError(f"run --method {args.method} runs in one process; several processes run --method lofit")
+    if getattr(args, "resume", False):
+        raise UserError("--resume runs in one process (ranks would race on the files of --out)")
+    if rank == 0:
+        return None
+    args.quiet = True
+    args.out = tempfile.mkdtemp(prefix=f"lofit-fast-rank{rank}-")
+    return args.out
+
+
+def _run_on_other_rank(args, scratch: str, train_items, eval_items) -> int:
+    """A rank other than 0 of a multi-process launch: train along, write nothing to --out."""
+    try:
+        run_experiment(args, train_items, eval_items)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.out is None:
+        args.out = os.path.join("runs", args.task if args.method == "lofit" else f"{args.task}_{args.method}")
+    train_items = load_items(args, "train")
+    eval_items = load_items(args, "eval")
+    scratch = rank_outputs(args)
+    if scratch is not None:
+        return _run_on_other_rank(args, scratch, train_items, eval_items)
+    if args.method != "lofit":
+        results = run_method_experiment(args, train_items, eval_items)
+        print(f"\n{args.task} ({results['eval_split']}, {results['eval_examples']} examples), model {args.model}, "
+              f"{args.method}: {results['trainable_params']:,} trainable parameters, {results['seconds']:.0f} s")
+        print(table({"base": results["base"], args.method: results[args.method]}))
+        print(f"\nresults in {os.path.join(args.out, 'results.json')}")
+        return 0
+    results = run_experiment(args, train_items, eval_items)
+    print_results(results, args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """A short TruthfulQA run: the fold's data when --data is given, else the built-in examples."""
+    args.task = "truthfulqa"
+    args.fold = getattr(args, "fold", 0)
+    if args.out is None:
+        args.out = os.path.join("runs", "demo")
+    if args.data:
+        args.max_train = args.max_train or DEMO_TRAIN
+        args.max_eval = args.max_eval or DEMO_EVAL
+        train_items = load_items(args, "train")
+        eval_items = load_items(args, "eval")
+        source = f"TruthfulQA fold {args.fold} from {args.data}"
+    else:
+        items = list(builtin_truthfulqa())
+        half = len(items) // 2
+        train_items, eval_items = items[:half], items[half:]
+        if args.max_train:
+            train_items = train_items[: args.max_train]
+        if args.max_eval:
+            eval_items = eval_items[: args.max_eval]
+        source = "the built-in TruthfulQA examples (pass --data DIR for the real data)"
+    scratch = rank_outputs(args)
+    if scratch is not None:
+        return _run_on_other_rank(args, scratch, train_items, eval_items)
+    print(f"lofit-fast demo: LoFiT on {args.model}, {source}: {len(train_items)} training and "
+          f"{len(eval_items)} evaluation questions, {args.epochs} epochs per step", flush=True)
+    results = run_experiment(args, train_items, eval_items)
+    print_results(results, args.out)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("select", help="LoFiT step 1: score every head, write selection.json and a heat map")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_training_arguments(p, tune=False)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("tune", help="LoFiT step 2: tune v on selected (or random) heads, write an adapter")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_training_arguments(p, select=False)
+    heads = p.add_argument_group("heads (one of)")
+    heads.add_argument("--selection", help="selection.json from `lofit-fast select` (its top --k heads)")
+    heads.add_argument("--heads", type=heads_arg, help="explicit heads, e.g. 3:1,17:4")
+    heads.add_argument("--random", action="store_true", help="--k random heads (the baseline)")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("run", help="select + tune + evaluate: base, LoFiT and random heads with the same K")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_training_arguments(p)
+    p.add_argument("--out", help="output folder (default runs/TASK)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse every stage (base metrics, head selection, LoFiT, random heads) that an earlier run "
+                        "with the same settings and data finished in --out")
+    p.add_argument("--method", choices=RUN_METHODS, default="lofit",
+                   help="lofit (default: base, LoFiT and random heads) or a relative to compare: base and the method")
+    p.add_argument("--selection", help="skip step 1 and tune the top --k heads of this selection.json, e.g. one "
+                                       "selected on another task (cross-task head sets)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="a short LoFiT run on TruthfulQA (built-in examples unless --data)")
+    add_model_arguments(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.environ.get(DATA_ENV), help="data folder with truthfulqa/ (optional)")
+    g.add_argument("--fold", type=int, default=0, choices=(0, 1), help="TruthfulQA fold (default 0)")
+    g.add_argument("--max-train", type=positive_int, default=None,
+                   help=f"training questions (default {DEMO_TRAIN} with --data)")
+    g.add_argument("--max-eval", type=positive_int, default=None,
+                   help=f"evaluation questions (default {DEMO_EVAL} with --data)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="evaluation batch size")
+    add_training_arguments(p)
+    p.set_defaults(epochs=DEMO_EPOCHS)
+    p.add_argument("--out", help="output folder (default runs/demo)")
+    p.set_defaults(func=cmd_demo)

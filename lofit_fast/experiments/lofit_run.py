@@ -1,0 +1,207 @@
+"""The LoFiT experiment: base, LoFiT (step 1 on every head, step 2 on the top K) and the random-heads
+baseline with the same K, on one task, with every stage's output kept in a run folder so that an
+interrupted run resumes where it stopped.
+
+    results = run_experiment(RunSettings(task="truthfulqa", out="runs/tqa"), train_items, eval_items)
+
+The run folder: results.json (grows after every stage), selection.json, heads.png, losses.png,
+predictions.jsonl (generation tasks) and adapter/ (the LoFiT adapter).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+from ..adapter import save_adapter
+from ..analysis import plot_head_scores, plot_losses
+from ..eval import evaluate
+from ..methods import HeadSelection, default_k, random_heads, select_heads, tune
+from ..patch import find_attention_sites, trainable_parameters, unpatch
+from .results import RESULT_KEYS, previous_results, read_predictions, write_json, write_predictions
+from .settings import RunSettings, hyperparameters, load_model_for, log, splits
+
+
+def evaluate_arm(settings, model, tokenizer, items, label: str,
+                 predictions: Optional[list] = None) -> Dict[str, float]:
+    """Metrics of `model` on `items`; for the generation tasks each generation with its gold answers is
+    appended to `predictions` (when given) as {"arm": label, "prompt", "generated", "prediction", "answers",
+    "correct"}."""
+    log(settings, f"evaluating {label} on {len(items)} {settings.task} examples ...")
+    kw = {"return_predictions": True} if predictions is not None and settings.task != "truthfulqa" else {}
+    metrics = evaluate(settings.task, model, tokenizer, items, batch_size=settings.eval_batch_size,
+                       progress=not settings.quiet, **kw)
+    for record in metrics.pop("predictions", []):
+        predictions.append({"arm": label, **record})
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def train_kw(settings) -> dict:
+    """The keywords of `select_heads` / `tune` (and through them `lofit_fast.train.train`) that the settings
+    give."""
+    return dict(
+        batch_size=settings.batch_size, epochs=settings.epochs, init_std=settings.init_std, seed=settings.seed,
+        backend=settings.backend, beta=settings.beta, max_grad_norm=settings.max_grad_norm or None,
+        max_length=settings.max_length, progress=not settings.quiet, grad_accum=getattr(settings, "grad_accum", 1),
+        mixed_precision=getattr(settings, "mixed_precision", "no"),
+    )
+
+
+def select(settings, model, tokenizer, train_items, **extra) -> HeadSelection:
+    """LoFiT step 1 with the settings' task, K, λ and learning rate."""
+    k = settings.k or default_k(model)
+    return select_heads(model, tokenizer, train_items, task=settings.task, k=k, l1=settings.l1,
+                        lr=settings.select_lr, **{**train_kw(settings), **extra})
+
+
+def tune_heads(settings, model, tokenizer, train_items, heads, desc: str, **extra):
+    """LoFiT step 2 on `heads` with the settings' task and learning rate: (patched model, training record)."""
+    return tune(model, tokenizer, train_items, heads, task=settings.task, lr=settings.lr, return_history=True,
+                desc=desc, **{**train_kw(settings), **extra})
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def load_selection(path: str, model) -> HeadSelection:
+    """A selection.json from another run (e.g. another task: cross-task head sets), checked against the model."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"selection file not found: {path}")
+    selection = HeadSelection.load(path)
+    selection.check_model(model)
+    return selection
+
+
+def previous_selection(path: str, settings, model, train_examples: int) -> Optional[HeadSelection]:
+    """The earlier selection.json of a run folder when step 1 ran with the same settings on the same data."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        selection = HeadSelection.load(path)
+        selection.check_model(model)
+    except (OSError, ValueError):
+        return None
+    meta = selection.meta
+    wanted = {"task": settings.task, "l1": settings.l1, "lr": settings.select_lr, "epochs": settings.epochs,
+              "batch_size": settings.batch_size, "init_std": settings.init_std, "seed": settings.seed,
+              "max_grad_norm": settings.max_grad_norm or None}
+    same = all(meta.get(key) == value for key, value in wanted.items())
+    same = same and meta.get("train_examples") == train_examples and meta.get("model") == settings.model
+    return selection if same else None
+
+
+def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, model=None, tokenizer=None) -> dict:
+    """Base, LoFiT and random heads (same K) on one task; writes results.json, selection.json, heads.png and
+    the LoFiT adapter to `settings.out` and returns the results. `settings`: a RunSettings (or any object
+    with its fields, e.g. the CLI's argparse namespace)."""
+    settings = RunSettings.of(settings)
+    start = time.perf_counter()
+    out = settings.out
+    os.makedirs(out, exist_ok=True)
+    results_path = os.path.join(out, "results.json")
+    selection_path = os.path.join(out, "selection.json")
+    if model is None:
+        model, tokenizer = load_model_for(settings)
+    k = settings.k or default_k(model)
+    total = sum(site.num_heads for site in find_attention_sites(model))
+    if k > total:
+        raise ValueError(f"--k {k}: the model has only {total} heads")
+    hyper = {**hyperparameters(settings), "task": settings.task, "model": settings.model, "k": k}
+    seconds: Dict[str, float] = {}
+    results: Dict[str, object] = {"task": settings.task, "model": settings.model, "k": k}
+    info = {
+        "train_examples": len(train_items),
+        "eval_examples": len(eval_items),
+        "eval_split": splits(settings.task)[1],
+        "device": str(next(model.parameters()).device),
+        "hyperparameters": hyper,
+        "seconds_by_stage": seconds,
+        "train_loss": {},
+    }
+    resume = settings.resume
+    previous = previous_results(results_path, info) if resume else {}
+    # generations with their gold answers, every arm (predictions.jsonl)
+    predictions: list = read_predictions(out, {"the base model"} if "base" in previous else set()) if resume else []
+
+    def checkpoint(**fields):
+        """results.json grows after every stage, so a long run shows its progress and keeps what it has."""
+        results.update(fields)
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        merged = {**results, **info}
+        write_json(results_path, {**{key: merged[key] for key in RESULT_KEYS if key in merged}, **merged})
+
+    if "base" in previous:
+        log(settings, f"resuming: base model metrics from {results_path}")
+        base = previous["base"]
+        seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
+    else:
+        t = time.perf_counter()
+        base = evaluate_arm(settings, model, tokenizer, eval_items, "the base model", predictions)
+        seconds["eval_base"] = round(time.perf_counter() - t, 1)
+        write_predictions(out, predictions)
+    checkpoint(base=base)
+
+    given = settings.selection
+    selection = previous_selection(selection_path, settings, model, len(train_items)) if resume and not given else None
+    if given:
+        selection = load_selection(given, model)
+        source = selection.meta.get("task", "?")
+        log(settings, f"head selection from {given} (selected on {source}); step 1 skipped")
+        info["selection_from"] = {"path": os.path.abspath(given), "task": source}
+        selection.k = k
+    elif selection is not None:
+        log(settings, f"resuming: head selection from {selection_path}")
+        seconds["select"] = selection.meta.get("seconds", 0.0)
+        selection.k = k
+    else:
+        t = time.perf_counter()
+        log(settings, f"LoFiT step 1: selecting heads on {len(train_items)} {settings.task} examples ...")
+        selection = select(settings, model, tokenizer, train_items)
+        selection.meta["model"] = settings.model
+        seconds["select"] = round(time.perf_counter() - t, 1)
+        selection.save(selection_path)
+        info["train_loss"]["select"] = selection.meta.get("final_loss")
+    heads = selection.top(k)
+    plot_head_scores(selection, os.path.join(out, "heads.png"))
+    checkpoint(heads=[[layer, head] for layer, head in heads])
+    adapter_dir = os.path.join(out, "adapter")
+
+    def step2(name: str, heads, reuse: bool, announce: str, label: str, stages) -> Tuple[Dict[str, float], int]:
+        """Step 2 on `heads` and its evaluation, or the earlier run's numbers when `reuse`."""
+        if reuse:
+            log(settings, f"resuming: {label} metrics from {results_path}")
+            for stage in stages:
+                seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
+            info["train_loss"][name] = previous.get("train_loss", {}).get(name)
+            return previous[name], previous["trainable_params"]
+        t = time.perf_counter()
+        log(settings, announce)
+        tuned, record = tune_heads(settings, model, tokenizer, train_items, heads, f"{label}: tune v")
+        seconds[stages[0]] = round(time.perf_counter() - t, 1)
+        info["train_loss"][name] = record["epoch_loss"]
+        if name == "lofit":
+            save_adapter(tuned, adapter_dir, selection=selection, method="lofit", hyperparameters=hyper)
+        t = time.perf_counter()
+        metrics = evaluate_arm(settings, tuned, tokenizer, eval_items, label, predictions)
+        seconds[stages[1]] = round(time.perf_counter() - t, 1)
+        write_predictions(out, predictions)
+        trainable = trainable_count(tuned)
+        unpatch(tuned)
+        return metrics, trainable
+
+    reuse = "lofit" in previous and previous.get("heads") == results["heads"] and os.path.isdir(adapter_dir)
+    lofit, trainable = step2("lofit", heads, reuse, f"LoFiT step 2: tuning v on the top {k} heads ...", "LoFiT",
+                             ("tune", "eval_lofit"))
+    checkpoint(trainable_params=trainable, lofit=lofit)
+
+    rand_heads = random_heads(model, k, seed=settings.seed)
+    info["random_heads"] = [[layer, head] for layer, head in rand_heads]
+    reuse = "random" in previous and previous.get("random_heads") == info["random_heads"]
+    rand, _ = step2("random", rand_heads, reuse, f"baseline: tuning v on {k} random heads {rand_heads} ...",
+                    "random heads", ("tune_random", "eval_random"))
+    checkpoint(random=rand)
+    if any(isinstance(v, list) and v for v in info["train_loss"].values()):
+        plot_losses(info["train_loss"], os.path.join(out, "losses.png"), title=f"LoFiT training loss ({settings.task})")
+    merged = {**results, **info}
+    return {**{key: merged[key] for key in RESULT_KEYS}, **merged}
