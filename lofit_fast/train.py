@@ -79,32 +79,71 @@ def stack_pairs(batch: Dict[str, torch.Tensor], pad_token_id: int) -> Dict[str, 
     return out
 
 
-def _pair_logprobs(model, tokenizer, examples, max_length) -> Tuple[torch.Tensor, torch.Tensor]:
-    batch = collate_preference(tokenizer, list(examples), max_length=max_length)
-    stacked = _move(stack_pairs(batch, pad_token_id(tokenizer)), _model_device(model))
-    logps = sequence_logprobs(model, stacked["input_ids"], stacked["attention_mask"], stacked["labels"])
-    n = len(examples)
-    return logps[:n], logps[n:]
+def token_batches(lengths: Sequence[int], max_tokens: int, rows_per_item: int = 1) -> List[List[int]]:
+    """Indices of `lengths` grouped into batches of at most `max_tokens` padded tokens each (a batch of b items
+    padded to its longest, L, costs rows_per_item × b × L): longest first, so that items of similar length
+    share a batch and little is padding. An item longer than the budget gets a batch of its own."""
+    if not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1):
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))  # stable: ties keep their order
+    batches: List[List[int]] = []
+    for i in order:
+        if batches and rows_per_item * (len(batches[-1]) + 1) * int(lengths[batches[-1][0]]) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @torch.no_grad()
 def reference_logprobs(
-    model: nn.Module, tokenizer, examples: Sequence, *, batch_size: int = 8, max_length: Optional[int] = None
+    model: nn.Module, tokenizer, examples: Sequence, *, batch_size: int = 8, max_length: Optional[int] = None,
+    max_tokens: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (chosen [N], rejected [N], float32 on the model's device) of the preference pairs under the
-    model with every intervention off: the DPO reference, without a second copy of the model."""
+    model with every intervention off: the DPO reference, without a second copy of the model.
+
+    Batches: `batch_size` pairs each, in order (max_tokens None); or, with `max_tokens`, as many pairs as fit
+    in that many padded tokens (a batch of b pairs padded to length L is one [2b, L] forward: 2·b·L tokens),
+    longest pairs first, the results put back in the examples' order. The pairs are tokenized once."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("no preference pairs to score")
+    full = collate_preference(tokenizer, examples, max_length=max_length)
+    lengths = torch.maximum(full["chosen_attention_mask"].sum(1), full["rejected_attention_mask"].sum(1)).tolist()
+    if max_tokens is None:
+        batches = [list(range(start, min(start + batch_size, len(examples))))
+                   for start in range(0, len(examples), batch_size)]
+    else:
+        batches = token_batches(lengths, max_tokens, rows_per_item=2)
+    pad_id = pad_token_id(tokenizer)
+    device = _model_device(model)
+    chosen = torch.empty(len(examples), dtype=torch.float32, device=device)
+    rejected = torch.empty(len(examples), dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
     try:
         with disabled(model):
-            for start in range(0, len(examples), batch_size):
-                c, r = _pair_logprobs(model, tokenizer, examples[start : start + batch_size], max_length)
-                chosen.append(c.float())
-                rejected.append(r.float())
+            for idx in batches:
+                length = max(lengths[i] for i in idx)  # what collating these pairs alone pads them to
+                rows = torch.tensor(idx)
+                part = {k: v[rows, :length] for k, v in full.items()}
+                stacked = _move(stack_pairs(part, pad_id), device)
+                logps = sequence_logprobs(model, stacked["input_ids"], stacked["attention_mask"], stacked["labels"])
+                where = rows.to(device)
+                chosen[where] = logps[: len(idx)].float()
+                rejected[where] = logps[len(idx) :].float()
     finally:
         model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    return chosen, rejected
+
+
+def default_reference_tokens(tokenizer, examples: Sequence, batch_size: int, max_length: Optional[int]) -> int:
+    """The token budget `train` gives the DPO reference pass: what a batch of `batch_size` of the longest pairs
+    takes (2 × batch_size × the longest pair), so no reference batch is larger than the largest row batch
+    would be, and short pairs share bigger batches."""
+    full = collate_preference(tokenizer, list(examples), max_length=max_length)
+    return 2 * batch_size * int(full["chosen_input_ids"].shape[1])
 
 
 class Runtime:
@@ -539,7 +578,8 @@ def train(
     if kind == "dpo":
         with autocast():
             ref_chosen, ref_rejected = reference_logprobs(
-                model, tokenizer, examples, batch_size=batch_size, max_length=max_length
+                model, tokenizer, examples, max_length=max_length,
+                max_tokens=default_reference_tokens(tokenizer, examples, batch_size, max_length),
             )
 
     def micro_batches(idx: List[int]):

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from fixtures.tiny import byte_tokenizer, tiny_llama
-from lofit_fast.data import SFTExample, collate_sft
+from lofit_fast.data import PreferenceExample, SFTExample, collate_preference, collate_sft
 from lofit_fast.losses import completion_loss, dpo_loss, sequence_logprobs
+from lofit_fast.train import default_reference_tokens, token_batches
+from lofit_fast.train import reference_logprobs as reference_logprobs_of_pairs
 
 EXAMPLES = [
     SFTExample("Q: Which planet is red? A:", " Mars"),
@@ -182,3 +184,47 @@ def test_dpo_loss_float64_reference_and_constant_reference():
         dpo_loss(pc, pr[:3], rc, rr)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(pc, pr, rc, rr, beta=0.0)
+
+
+# ------------------------------------------------------------------- DPO reference batches by token count
+PAIRS = [PreferenceExample(f"Q{i}: " + "why " * (i % 5) + "?", " yes" * (1 + i % 3), " no" * (1 + (i * 7) % 4))
+         for i in range(13)]
+
+
+def test_token_batches_respect_the_budget_and_cover_every_item_once():
+    lengths = [5, 30, 7, 7, 12, 3, 40, 9]
+    batches = token_batches(lengths, 60, rows_per_item=2)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [6]  # 2 × 40 > 60: over budget alone, its own batch
+    for b in batches:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+        assert len(b) == 1 or 2 * len(b) * max(lengths[i] for i in b) <= 60
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    assert token_batches(lengths, 10**6) == [[6, 1, 4, 7, 2, 3, 0, 5]]  # longest first, ties in order
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_batches(lengths, 0)
+
+
+def test_reference_logprobs_by_token_budget_equal_row_batches():
+    """Token-budget batches (sorted by length, several sizes) give today's row-batch log-probs, in the
+    examples' order, to 1e-6 in float32."""
+    tok = byte_tokenizer()
+    model = tiny_llama(seed=5)
+    rows_c, rows_r = reference_logprobs_of_pairs(model, tok, PAIRS, batch_size=4)
+    full = collate_preference(tok, PAIRS)
+    lengths = torch.maximum(full["chosen_attention_mask"].sum(1), full["rejected_attention_mask"].sum(1)).tolist()
+    budget = 2 * 3 * max(lengths)
+    batches = token_batches(lengths, budget, rows_per_item=2)
+    assert len({len(b) for b in batches}) > 1 and [i for b in batches for i in b] != list(range(len(PAIRS)))
+    tok_c, tok_r = reference_logprobs_of_pairs(model, tok, PAIRS, max_tokens=budget)
+    assert tok_c.dtype == torch.float32 and tok_c.shape == (len(PAIRS),)
+    torch.testing.assert_close(tok_c, rows_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tok_r, rows_r, rtol=1e-6, atol=1e-6)
+    # in order: pair i's values are pair i's alone (the check fails if the results were left sorted)
+    alone = [reference_logprobs_of_pairs(model, tok, PAIRS[i : i + 1], batch_size=1) for i in (0, 6, 12)]
+    for i, (c, r) in zip((0, 6, 12), alone):
+        torch.testing.assert_close(tok_c[i : i + 1], c, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(tok_r[i : i + 1], r, rtol=1e-6, atol=1e-6)
+    assert (rows_c - rows_c.flip(0)).abs().max() > 1e-3  # the pairs' values differ, so order is checked
+    # the budget train() uses: the largest row batch's padded tokens
+    assert default_reference_tokens(tok, PAIRS, 4, None) == 2 * 4 * max(lengths)
