@@ -304,3 +304,58 @@ def test_resume_says_when_results_json_is_corrupt(tmp_path, capsys):
     path.write_text('{"task": "clutrr", "base": ')
     assert previous_results(str(path), {}) == {}
     assert "is unreadable" in capsys.readouterr().err
+
+
+def test_run_killed_mid_training_resumes_to_the_same_adapter(model_dir, tmp_path):
+    """`run --checkpoint-every 1` SIGKILLed while step 2 trains, then `--resume`: the same selection, adapter
+    and metrics, bit for bit, as an uninterrupted run; no checkpoint is left once the run has finished."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    common = ["run", "--model", model_dir, "--task", "truthfulqa", "--data", FIXTURES, "--k", "2",
+              "--checkpoint-every", "1", "--epochs", "40", "--batch-size", "2", *QUIET]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_cli(*common, "--out", whole) == 0
+    assert not (whole / "checkpoints").exists()
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), TQDM_DISABLE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lofit_fast.cli", *common, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = killed / "checkpoints" / "tune" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads(manifest.read_text())["step"] >= 3:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    step = json.loads(manifest.read_text())["step"]
+    assert 3 <= step < 120, step  # killed while step 2 trains (40 epochs x 3 steps)
+    assert not (killed / "adapter").exists()
+
+    assert run_cli(*common, "--out", killed, "--resume") == 0
+    assert not (killed / "checkpoints").exists()
+    a = load_file(str(whole / "adapter" / "adapter.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (whole, killed))
+    for key in ("heads", "base", "lofit", "random", "random_heads"):
+        assert ra[key] == rb[key], key
+    assert ra["train_loss"]["lofit"] == rb["train_loss"]["lofit"]
+    assert json.loads((whole / "selection.json").read_text())["ranked"] == \
+        json.loads((killed / "selection.json").read_text())["ranked"]
+
+
+def test_checkpoint_every_is_refused_for_the_relatives(model_dir, tmp_path, capsys):
+    assert run_cli("run", "--model", model_dir, "--task", "clutrr", "--data", FIXTURES, "--method", "iti",
+                   "--checkpoint-every", "2", "--out", tmp_path / "iti", *QUIET) == 1
+    assert "--checkpoint-every" in one_error_line(capsys)

@@ -29,6 +29,7 @@ from .common import (
     heads_arg,
     load_items,
     load_model_from_args,
+    nonnegative_int,
     positive_int,
     table,
 )
@@ -125,6 +126,8 @@ def cmd_run(args) -> int:
     scratch = rank_outputs(args)
     if scratch is not None:
         return _run_on_other_rank(args, scratch, train_items, eval_items)
+    if args.method != "lofit" and args.checkpoint_every:
+        raise UserError(f"--checkpoint-every checkpoints LoFiT's training stages; run --method {args.method} has none")
     if args.method != "lofit":
         results = run_method_experiment(args, train_items, eval_items)
         print(f"\n{args.task} ({results['eval_split']}, {results['eval_examples']} examples), model {args.model}, "
@@ -195,6 +198,10 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse every stage (base metrics, head selection, LoFiT, random heads) that an earlier run "
                         "with the same settings and data finished in --out")
+    p.add_argument("--checkpoint-every", type=nonnegative_int, default=0, metavar="N",
+                   help="checkpoint each training stage every N optimizer steps into --out/checkpoints (parameters, "
+                        "optimizer, scheduler, RNG states, data position); --resume then continues a killed run from "
+                        "there, ending with the adapter an uninterrupted run ends with (default 0: none)")
     p.add_argument("--method", choices=RUN_METHODS, default="lofit",
                    help="lofit (default: base, LoFiT and random heads) or a relative to compare: base and the method")
     p.add_argument("--selection", help="skip step 1 and tune the top --k heads of this selection.json, e.g. one "
