@@ -263,6 +263,7 @@ def test_arguments_are_checked_before_the_model_loads(model_dir, tmp_path, capsy
     out = tmp_path / "out"
     cases = [
         (["run", "--backend", "bogus", "--task", "clutrr", "--data", FIXTURES, "--out", out], "--backend bogus"),
+        (["run", "--k", "1000", "--task", "clutrr", "--data", FIXTURES, "--out", out], "the model has only 8 heads"),
         (["tune", "--task", "clutrr", "--data", FIXTURES, "--selection", tmp_path / "none.json", "--out", out],
          "selection file not found"),
         (["export", "--adapter", tmp_path / "nothing", "--out", out], "not an adapter folder"),

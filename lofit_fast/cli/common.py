@@ -3,7 +3,9 @@ and the task's items from the arguments, the results table, and the checks made 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..adapter.export import check_export_target
@@ -12,6 +14,7 @@ from ..data import TASKS
 from ..experiments import CLUTRR_TRAIN_SIZE, DEFAULT_LR, DEFAULT_SEED, load_model_for, task_items
 from ..experiments.settings import DTYPES
 from ..methods.lofit import select_defaults
+from ..models import resolve_model_path
 from ..ops import check_backend_name
 
 DATA_ENV = "LOFIT_FAST_DATA"
@@ -227,6 +230,27 @@ def writable_folder(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path}: {probe} is not writable")
 
 
+def head_count(model: str) -> Optional[int]:
+    """Attention heads over all layers of a model name / .gguf / HF folder, from its metadata alone (None when
+    the metadata does not say; the model load then reports what is wrong)."""
+    try:
+        directory, gguf_file = resolve_model_path(model)
+        if gguf_file is not None:
+            import gguf
+
+            reader = gguf.GGUFReader(Path(directory) / gguf_file)
+            arch = reader.get_field("general.architecture").contents()
+            layers = reader.get_field(f"{arch}.block_count").contents()
+            heads = reader.get_field(f"{arch}.attention.head_count").contents()
+        else:
+            config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+            config = config.get("text_config", config) if "num_hidden_layers" not in config else config
+            layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+        return int(layers) * int(heads)
+    except Exception:  # noqa: BLE001 - any unreadable metadata: leave it to the model load
+        return None
+
+
 def check_args(args) -> None:
     """Every argument and path checked before anything is loaded: a mistake costs no model load and no
     evaluation, and leaves no files behind."""
@@ -236,6 +260,11 @@ def check_args(args) -> None:
             check_backend_name(backend)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"--backend {backend}: {exc}") from None
+    k = getattr(args, "k", None)
+    if k and args.command in ("run", "demo", "select", "tune") and getattr(args, "model", None):
+        total = head_count(args.model)
+        if total is not None and k > total:
+            raise UserError(f"--k {k}: the model has only {total} heads")
     if getattr(args, "selection", None) and not os.path.isfile(args.selection):
         raise UserError(f"selection file not found: {args.selection}")
     adapter = getattr(args, "adapter", None)
