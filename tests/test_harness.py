@@ -1,5 +1,6 @@
 """lm-evaluation-harness judging the project: the `lofit` model class with an adapter, the local-data tasks,
 and lm-eval's MC2 equal to the same sums computed by lofit_fast's own scorer with lm-eval's prompt."""
+import json
 import math
 
 import pytest
@@ -73,3 +74,30 @@ def test_generation_tasks_run_on_the_local_files(model_dir):
 def test_unknown_task_is_named(model_dir):
     with pytest.raises(ValueError, match="unknown tasks"):
         evaluate(DATA, {"base": None}, model=str(model_dir), tasks=["truthfulqa_mc3"])
+
+
+def test_lm_eval_judges_a_finished_run(model_dir, tmp_path):
+    """bench/lm_eval_compare.py's library half: a run's three arms scored by lm-eval beside the run's own numbers
+    (the same adapters: lm-eval's LoFiT row equals the harness on the run's adapter folder)."""
+    from lofit_fast.cli import main
+    from lofit_fast.experiments.judge import lm_eval_comparison, markdown
+
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(model_dir), "--task", "truthfulqa", "--data", str(DATA), "--k", "2",
+                 "--epochs", "1", "--batch-size", "2", "--threads", "1", "--quiet", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert (out / "random_adapter" / "adapter_config.json").is_file()
+    report = lm_eval_comparison(str(out), str(DATA), batch_size=4)
+    results = json.loads((out / "results.json").read_text())
+    direct = evaluate(DATA, {"lofit": str(out / "adapter")}, model=str(model_dir), tasks=["lofit_truthfulqa_mc2"],
+                      batch_size=4)
+    assert report["metrics"]["mc2"]["lm_eval"]["lofit"] == pytest.approx(direct["lofit"]["lofit_truthfulqa_mc2"])
+    for metric in ("mc1", "mc2"):
+        row = report["metrics"][metric]
+        assert row["lofit_fast"] == {arm: results[arm][metric] for arm in ("base", "lofit", "random")}
+        for other in ("base", "random"):
+            gain = row["gains"][f"lofit - {other}"]
+            assert gain["lm_eval"] == pytest.approx(row["lm_eval"]["lofit"] - row["lm_eval"][other])
+        order = [sorted(row[k], key=lambda a: -row[k][a]) for k in ("lofit_fast", "lm_eval")]
+        assert row["same_ordering"] == (order[0] == order[1])
+    assert (out / "lm_eval.json").is_file() and "| mc2 | lofit |" in markdown(report)

@@ -87,7 +87,8 @@ def print_results(results: dict, out: str) -> None:
     label = f"lofit (top {k}" + (f", heads from {source})" if source else ")")
     print(table({"base": results["base"], label: results["lofit"], f"random {k} heads": results["random"]}))
     names = {"results.json": "results.json", "selection.json": "selection.json", "heads.png": "heads.png (heat map)",
-             "losses.png": "losses.png", "predictions.jsonl": "predictions.jsonl", "adapter": "adapter/"}
+             "losses.png": "losses.png", "predictions.jsonl": "predictions.jsonl", "adapter": "adapter/",
+             "random_adapter": "random_adapter/"}
     print(f"\noutputs in {out}: " + ", ".join(v for k, v in names.items() if os.path.exists(os.path.join(out, k))))
 
 

@@ -5,7 +5,8 @@ interrupted run resumes where it stopped.
     results = run_experiment(RunSettings(task="truthfulqa", out="runs/tqa"), train_items, eval_items)
 
 The run folder: results.json (grows after every stage), selection.json, heads.png, losses.png,
-predictions.jsonl (generation tasks) and adapter/ (the LoFiT adapter). With `checkpoint_every` > 0 each
+predictions.jsonl (generation tasks), adapter/ (the LoFiT adapter) and random_adapter/ (the random-heads
+baseline's, for paired and lm-eval comparisons). With `checkpoint_every` > 0 each
 training stage also checkpoints into checkpoints/<stage>/ (`lofit_fast.train.train`); `resume` then continues a
 killed stage from its last checkpoint and ends with the adapter an uninterrupted run ends with (bit for bit on
 CPU). The checkpoints are removed once the run has finished, and at the start of a run that does not resume.
@@ -194,6 +195,9 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         info["train_loss"][name] = record["epoch_loss"]
         if name == "lofit":
             save_adapter(tuned, adapter_dir, selection=selection, method="lofit", hyperparameters=hyper)
+        else:
+            save_adapter(tuned, os.path.join(out, "random_adapter"), method="lofit-random-heads",
+                         hyperparameters=hyper)
         t = time.perf_counter()
         metrics = evaluate_arm(settings, tuned, tokenizer, eval_items, label, predictions)
         seconds[stages[1]] = round(time.perf_counter() - t, 1)

@@ -1,7 +1,8 @@
 """Paired significance for a finished LoFiT run: LoFiT against base and against random heads, item by item.
 
-Re-evaluates the base model, the run's LoFiT adapter and the random-heads baseline (re-tuned with the run's
-own heads, seed and hyper-parameters; the run does not keep that adapter) on the same evaluation items,
+Re-evaluates the base model, the run's LoFiT adapter and the random-heads baseline (its random_adapter/, or
+re-tuned with the run's own heads, seed and hyper-parameters for a run that did not keep it) on the same
+evaluation items,
 reports whether the aggregate metrics reproduce results.json, and writes `paired.json` next to it with a
 percentile bootstrap interval of the per-item difference for every metric.
 """
@@ -61,8 +62,12 @@ def paired_evaluation(run: str, data: str, *, threads: Optional[int] = None, sam
     load_adapter(model, os.path.join(run, "adapter"))
     scores["lofit"], means["lofit"] = per_item_scores(task, model, tokenizer, eval_items, eval_batch_size)
     unpatch(model)
-    heads = [tuple(h) for h in results["random_heads"]]
-    model, _ = tune_heads(settings, model, tokenizer, train_items, heads, "random heads (re-tuned): tune v")
+    random_adapter = os.path.join(run, "random_adapter")
+    if os.path.isdir(random_adapter):
+        load_adapter(model, random_adapter)
+    else:  # a run from before random_adapter/ was kept: re-tune it with the run's heads and settings
+        heads = [tuple(h) for h in results["random_heads"]]
+        model, _ = tune_heads(settings, model, tokenizer, train_items, heads, "random heads (re-tuned): tune v")
     scores["random"], means["random"] = per_item_scores(task, model, tokenizer, eval_items, eval_batch_size)
     unpatch(model)
     report = {"run": str(run), "task": task, "model": results["model"], "eval_examples": len(eval_items),

@@ -1,0 +1,33 @@
+"""lm-evaluation-harness beside lofit_fast for a finished `lofit-fast run`: base, LoFiT and random heads scored
+by lm-eval on the run's own evaluation items (`lofit_fast.experiments.judge`), with the run's numbers and the
+gains side by side; writes RUN/lm_eval.json and prints a markdown table.
+
+    lofit-fast run --task truthfulqa --data ../shared/data --out runs/truthfulqa
+    python bench/lm_eval_compare.py --run runs/truthfulqa --data ../shared/data
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lofit_fast.experiments.judge import lm_eval_comparison, markdown  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the --out folder of a finished `lofit-fast run`")
+    p.add_argument("--data", required=True, help="the data folder the run used")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", default="auto")
+    args = p.parse_args(argv)
+    report = lm_eval_comparison(args.run, args.data, batch_size=args.batch_size, backend=args.backend)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""lm-evaluation-harness as the judge of a finished LoFiT run: the run's base model, LoFiT adapter and
+random-heads adapter scored by lm-eval (its own prompts and scoring, `lofit_fast.harness`) beside the run's own
+numbers. The two use different prompts, so what must agree is the ordering of the arms and the sign and size of
+the gains, not the values.
+
+Not imported by `lofit_fast.experiments` itself: lm-eval is heavy to import.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+from .._files import atomic_write
+from ..harness import evaluate as lm_eval_scores
+
+ARMS = ("base", "lofit", "random")
+TASK_METRICS = {
+    "truthfulqa": {"mc1": "lofit_truthfulqa_mc1", "mc2": "lofit_truthfulqa_mc2"},
+    "clutrr": {"accuracy": "lofit_clutrr"},
+    "mquake": {"accuracy": "lofit_mquake"},
+}
+
+
+def _ordering(scores: Dict[str, float]):
+    return sorted(scores, key=lambda arm: -scores[arm])
+
+
+def lm_eval_comparison(run: str, data: str, *, batch_size: int = 8, backend: str = "auto",
+                       device: str = "cpu") -> dict:
+    """{"metrics": {metric: {"lofit_fast": {arm: value}, "lm_eval": {arm: value}, "gains": {...},
+    "same_ordering": bool}}, ...} for the run folder `run` (a finished `lofit-fast run`, with adapter/ and
+    random_adapter/) on the data it used, on the same items (fold and --max-eval of the run); also written to
+    run/lm_eval.json."""
+    with open(os.path.join(run, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    task = results.get("task")
+    if task not in TASK_METRICS:
+        raise ValueError(f"{run}: task {task!r} has no lm-eval task (expected one of {', '.join(TASK_METRICS)})")
+    adapters: Dict[str, Optional[str]] = {"base": None, "lofit": os.path.join(run, "adapter"),
+                                          "random": os.path.join(run, "random_adapter")}
+    missing = [p for p in adapters.values() if p is not None and not os.path.isdir(p)]
+    if missing or any(arm not in results for arm in ARMS):
+        raise ValueError(f"{run}: not a finished run with its adapters ({', '.join(missing) or 'results.json'} "
+                         f"missing); rerun it with this version of lofit-fast run")
+    hyper = results.get("hyperparameters", {})
+    tasks = TASK_METRICS[task]
+    table = lm_eval_scores(data, adapters, tasks=list(tasks.values()), model=results["model"],
+                           fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), batch_size=batch_size,
+                           backend=backend, device=device)
+    report = {"run": str(run), "task": task, "model": results["model"], "eval_examples": results["eval_examples"],
+              "metrics": {}}
+    for metric, lm_task in tasks.items():
+        ours = {arm: float(results[arm][metric]) for arm in ARMS}
+        theirs = {arm: table[arm][lm_task] for arm in ARMS}
+        report["metrics"][metric] = {
+            "lm_eval_task": lm_task,
+            "lofit_fast": ours,
+            "lm_eval": theirs,
+            "gains": {f"lofit - {other}": {"lofit_fast": ours["lofit"] - ours[other],
+                                           "lm_eval": theirs["lofit"] - theirs[other]}
+                      for other in ("base", "random")},
+            "same_ordering": _ordering(ours) == _ordering(theirs),
+        }
+    atomic_write(os.path.join(run, "lm_eval.json"), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def markdown(report: dict) -> str:
+    """The comparison as a markdown table (one row per metric and arm)."""
+    lines = [f"{report['task']} ({report['eval_examples']} items), model {report['model']}", "",
+             "| metric | arm | lofit_fast | lm-eval |", "|---|---|---|---|"]
+    for metric, row in report["metrics"].items():
+        for arm in ARMS:
+            lines.append(f"| {metric} | {arm} | {row['lofit_fast'][arm]:.4f} | {row['lm_eval'][arm]:.4f} |")
+        for name, gain in row["gains"].items():
+            lines.append(f"| {metric} | {name} | {gain['lofit_fast']:+.4f} | {gain['lm_eval']:+.4f} |")
+        lines.append(f"| {metric} | same ordering | {row['same_ordering']} | |")
+    return "\n".join(lines) + "\n"
