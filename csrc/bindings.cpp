@@ -36,7 +36,25 @@ FixedGrads backward_cpu_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, 
   return fill_missing(lofit::backward_cpu(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv), dy);
 }
 
+FixedGrads rows_backward_cpu_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, const at::Tensor& weight,
+                                const at::Tensor& heads, const lofit::OptTensor& A, const at::Tensor& row_ids,
+                                int64_t head_dim, int64_t n_adapters, bool need_dx, bool need_dA, bool need_dv,
+                                const lofit::OptTensor& weight_sel) {
+  return fill_missing(lofit::rows_backward_cpu(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx,
+                                               need_dA, need_dv, weight_sel),
+                      dy);
+}
+
 #ifdef LOFIT_WITH_CUDA
+FixedGrads rows_backward_cuda_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, const at::Tensor& weight,
+                                 const at::Tensor& heads, const lofit::OptTensor& A, const at::Tensor& row_ids,
+                                 int64_t head_dim, int64_t n_adapters, bool need_dx, bool need_dA, bool need_dv,
+                                 const lofit::OptTensor& weight_sel) {
+  return fill_missing(lofit::rows_backward_cuda(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx,
+                                                need_dA, need_dv, weight_sel),
+                      dy);
+}
+
 FixedGrads backward_cuda_op(const at::Tensor& dy, const lofit::OptTensor& x_sel, const at::Tensor& weight,
                             const at::Tensor& heads, const lofit::OptTensor& A, int64_t head_dim, bool need_dx,
                             bool need_dA, bool need_dv, const lofit::OptTensor& weight_sel) {
@@ -53,17 +71,27 @@ TORCH_LIBRARY(lofit_fast, m) {
         "Tensor? bias_fold_acc=None) -> Tensor");
   m.def("head_affine_bwd(Tensor dy, Tensor? x_sel, Tensor weight, Tensor heads, Tensor? A, int head_dim, "
         "bool need_dx, bool need_dA, bool need_dv, Tensor? weight_sel=None) -> (Tensor, Tensor, Tensor)");
+  // Per-row tables (lofit.h): A, v [n_adapters, K, d], row_ids int64 [N] (-1 = none).
+  m.def("head_affine_rows_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor heads, Tensor? A, Tensor? v, "
+        "Tensor row_ids, int head_dim, Tensor? weight_sel=None, Tensor? offset_table=None) -> Tensor");
+  m.def("head_affine_rows_bwd(Tensor dy, Tensor? x_sel, Tensor weight, Tensor heads, Tensor? A, Tensor row_ids, "
+        "int head_dim, int n_adapters, bool need_dx, bool need_dA, bool need_dv, Tensor? weight_sel=None) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lofit_fast, CPU, m) {
   m.impl("head_affine_fwd", &forward_cpu_op);
   m.impl("head_affine_bwd", &backward_cpu_op);
+  m.impl("head_affine_rows_fwd", &lofit::rows_forward_cpu);
+  m.impl("head_affine_rows_bwd", &rows_backward_cpu_op);
 }
 
 #ifdef LOFIT_WITH_CUDA
 TORCH_LIBRARY_IMPL(lofit_fast, CUDA, m) {
   m.impl("head_affine_fwd", &lofit::forward_cuda);
   m.impl("head_affine_bwd", &backward_cuda_op);
+  m.impl("head_affine_rows_fwd", &lofit::rows_forward_cuda);
+  m.impl("head_affine_rows_bwd", &rows_backward_cuda_op);
 }
 #endif
 

@@ -40,6 +40,21 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& weight, const OptT
 Grads backward_cpu(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight, const at::Tensor& heads,
                    const OptTensor& A, int64_t head_dim, bool need_dx, bool need_dA, bool need_dv);
 
+// Per-row tables (many adapters in one batch): row n uses adapter row_ids[n] (int64 [N], -1 = none) of
+// A, v [n_adapters, K, d]:  y[n] = x[n] W^T + (x_S[n] * A[a]) W_S^T + (v[a] W_S^T) + b.
+// Optional prepared operands: weight_sel [D_out, K*d] = W_S, offset_table [n_adapters, D_out] = v W_S^T in the
+// accumulation type. The backward returns dA, dv [n_adapters, K, d]: each row's gradient in its adapter's slice.
+// (csrc/cpu/head_affine_rows_cpu.cpp, csrc/cuda/head_affine_rows.cu; ops lofit_fast::head_affine_rows_fwd/bwd.)
+void check_rows_inputs(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& heads,
+                       const OptTensor& A, const OptTensor& v, const at::Tensor& row_ids, int64_t head_dim,
+                       int64_t n_adapters);
+at::Tensor rows_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                            const at::Tensor& heads, const OptTensor& A, const OptTensor& v, const at::Tensor& row_ids,
+                            int64_t head_dim, const OptTensor& weight_sel, const OptTensor& offset_table);
+Grads rows_backward_cpu(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight,
+                        const at::Tensor& heads, const OptTensor& A, const at::Tensor& row_ids, int64_t head_dim,
+                        int64_t n_adapters, bool need_dx, bool need_dA, bool need_dv, const OptTensor& weight_sel);
+
 #ifdef LOFIT_WITH_CUDA
 // Same contract as the CPU functions. Head values on the device are checked by the kernels
 // (a device-side assert, like torch's own index ops) so that no call synchronizes with the host.
@@ -61,6 +76,12 @@ at::Tensor selected_weight_cuda(const at::Tensor& weight, const at::Tensor& head
 std::tuple<at::Tensor, at::Tensor> folded_bias_cuda(const at::Tensor& weight, const OptTensor& bias,
                                                     const at::Tensor& heads, const at::Tensor& v, int64_t head_dim);
 // The forward path the op takes for these operands: "linear", "decode", "materialize" or "gemm".
+at::Tensor rows_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                             const at::Tensor& heads, const OptTensor& A, const OptTensor& v, const at::Tensor& row_ids,
+                             int64_t head_dim, const OptTensor& weight_sel, const OptTensor& offset_table);
+Grads rows_backward_cuda(const at::Tensor& dy, const OptTensor& x_sel, const at::Tensor& weight,
+                         const at::Tensor& heads, const OptTensor& A, const at::Tensor& row_ids, int64_t head_dim,
+                         int64_t n_adapters, bool need_dx, bool need_dA, bool need_dv, const OptTensor& weight_sel);
 std::string forward_path_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t K, int64_t head_dim, bool has_A,
                               bool has_v);
 #endif

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ._cache import DerivedCache, build_detached, cacheable
+from .torch_backend import offset_rows, selected_columns
+
 _OPS = None
 
 
@@ -43,6 +46,35 @@ def _register_fakes() -> None:
         dA = dy.new_empty((K, head_dim) if need_dA else (0,), dtype=acc)
         dv = dy.new_empty((K, head_dim) if need_dv else (0,), dtype=acc)
         return dx, dA, dv
+
+    @torch.library.register_fake("lofit_fast::head_affine_rows_fwd")
+    def _rows_fwd_fake(x, weight, bias, heads, A, v, row_ids, head_dim, weight_sel=None, offset_table=None):
+        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
+        torch._check(x.shape[1] == weight.shape[1], lambda: f"weight must be [D_out, {x.shape[1]}]")
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("lofit_fast::head_affine_rows_bwd")
+    def _rows_bwd_fake(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv,
+                       weight_sel=None):
+        acc = _acc_dtype(dy.dtype)
+        K = heads.shape[0]
+        dx = dy.new_empty((dy.shape[0], weight.shape[1]) if need_dx else (0,))
+        dA = dy.new_empty((n_adapters, K, head_dim) if need_dA else (0,), dtype=acc)
+        dv = dy.new_empty((n_adapters, K, head_dim) if need_dv else (0,), dtype=acc)
+        return dx, dA, dv
+
+
+def call_forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim, weight_sel=None, offset_table=None):
+    """The per-row forward op (lofit_fast/ops/rows.py) with optional prepared W_S and offset rows v W_Sᵀ."""
+    return native_ops().head_affine_rows_fwd(x, weight, bias, heads, A, v, row_ids, head_dim, weight_sel,
+                                             offset_table)
+
+
+def call_backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv,
+                       weight_sel=None):
+    dx, dA, dv = native_ops().head_affine_rows_bwd(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters,
+                                                   need_dx, need_dA, need_dv, weight_sel)
+    return (dx if need_dx else None), (dA if need_dA else None), (dv if need_dv else None)
 
 
 def call_forward(x, weight, bias, heads, A, v, head_dim, slots=None, weight_sel=None, bias_fold=None,
@@ -82,5 +114,28 @@ class CppBackend:
     def backward(self, dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
         return call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv)
 
+    # Per-row tables: W_S and the offset rows v W_Sᵀ [n_adapters, D_out] are built once per parameter version
+    # (every decode step reuses them), except under tracing, where the op builds them itself.
+    def _prepared(self, weight, heads, v, head_dim):
+        if not cacheable((weight, heads, v)):
+            return None, None
+        w_sel = _CACHE.get((weight, heads), ("w_sel", head_dim),
+                           lambda: build_detached(lambda: weight.index_select(1, selected_columns(heads, head_dim))))
+        off = None
+        if v is not None:
+            off = _CACHE.get((weight, heads, v), ("offset_rows", head_dim),
+                             lambda: build_detached(lambda: offset_rows(w_sel, v).contiguous()))
+        return w_sel, off
 
+    def forward_rows(self, x, weight, bias, heads, A, v, row_ids, head_dim):
+        w_sel, off = self._prepared(weight, heads, v, head_dim)
+        return call_forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim, w_sel, off)
+
+    def backward_rows(self, dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv):
+        w_sel, _ = self._prepared(weight, heads, None, head_dim)
+        return call_backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA,
+                                  need_dv, w_sel)
+
+
+_CACHE = DerivedCache("cpp")
 BACKEND = CppBackend()

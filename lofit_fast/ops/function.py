@@ -1,17 +1,18 @@
 """`head_affine_linear`: y = x' Wᵀ (+ b) with x'_S = (1 + A) ⊙ x_S + v on the selected heads' columns."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ._autocast import AUTOCAST_DEVICE_TYPES
+from ._autocast import autocast_off as _autocast_off
 from .registry import get_backend
+from .rows import check_row_tables, head_affine_rows
 from .torch_backend import acc, selected_columns
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -38,15 +39,48 @@ def dequantized_columns(weight: torch.Tensor, heads: torch.Tensor, head_dim: int
     return full.detach().index_select(1, selected_columns(heads.to(full.device), head_dim)).to(weight.dtype).contiguous()
 
 
+class _FrozenQuantizedLinearFn(torch.autograd.Function):
+    """F.linear on a frozen quantized weight that keeps only the quantized weight for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.matmul(weight.dequantize().to(dy.dtype)).to(ctx.x_dtype)  # W in float for this layer only
+        if ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return dx, None, db
+
+
+def frozen_quantized_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) on a frozen quantized (torchao) weight, with a backward that dequantizes the
+    weight when it runs: torchao's weight-only GEMM is plain autograd over `x @ W_int8.to(x.dtype)`, so it
+    keeps a float copy of every such weight alive from forward to backward (more memory than a float base).
+    dx = dy · W; the weight gets no gradient (it is an error for it to require one)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return F.linear(x, weight, bias)
+    if weight.requires_grad:
+        raise ValueError(f"a quantized weight ({type(weight).__name__}) cannot be trained; freeze it (requires_grad=False)")
+    return _FrozenQuantizedLinearFn.apply(x, weight, bias)
+
+
 def quantized_head_affine_linear(x, weight, bias, heads, A, v, head_dim, w_sel=None):
     """The op on a quantized frozen base (the QLoRA analogue):
 
         y = F.linear(x, W_q, b)  +  (x_S ⊙ A) W_Sᵀ  +  v W_Sᵀ
 
-    the base GEMM runs on the quantized weight (its own kernel; dx flows back through it), the thin GEMM and
-    the offset row use W_S = the dequantized selected columns (`w_sel`, computed here when not given).
-    Plain autograd: dx, dA, dv as for the float op; only x_S is kept for dA."""
-    y = F.linear(x, weight, bias)
+    the base GEMM runs on the quantized weight (its own kernel; dx flows back through it without a float copy
+    of W kept, `frozen_quantized_linear`), the thin GEMM and the offset row use W_S = the dequantized selected
+    columns (`w_sel`, computed here when not given). Plain autograd otherwise: dx, dA, dv as for the float op."""
+    y = frozen_quantized_linear(x, weight, bias)
     if heads.numel() == 0 or (A is None and v is None):
         return y
     if w_sel is None:
@@ -191,6 +225,7 @@ def head_affine_linear(
     backend: str = "auto",
     *,
     validate: bool = True,
+    row_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = x' @ weight.T (+ bias), where x' equals x except on the selected heads' columns:
     x'[..., h_k*d:(h_k+1)*d] = (1 + A[k]) * x[..., h_k*d:(h_k+1)*d] + v[k].
@@ -204,7 +239,24 @@ def head_affine_linear(
     weight and bias are cast to the autocast dtype and the GEMMs run in it, on any backend; A and v are not
     cast (float32 stays float32, and their gradients are float32).
     A quantized `weight` (torchao) runs `quantized_head_affine_linear` (the backends need plain tensors).
+
+    Many adapters in one batch (lofit_fast/ops/rows.py): with `row_ids` (int64, one entry per row of x: shape
+    x.shape[:-1] or flat [N]), A and v are tables [n_adapters, K, d] and row n uses adapter row_ids[n] (-1: no
+    intervention): y[n] = x[n] Wᵀ + (x_S[n] ⊙ A[a]) W_Sᵀ + v[a] W_Sᵀ + b. Gradients of A and v land in each
+    row's adapter slice.
     """
+    if row_ids is not None:
+        if is_quantized_weight(weight):
+            raise NotImplementedError("row_ids (several adapters in one batch) with a quantized base weight is not "
+                                      "supported; dequantize the base or run one adapter at a time")
+        if validate:
+            check_op_inputs(x, weight, bias, heads, None, None, head_dim)
+            check_row_tables(x, heads, A, v, head_dim, row_ids)
+        low = autocast_dtype(x)
+        if low is not None:
+            x, weight, bias, A, v = _autocast_inputs(low, x, weight, bias, A, v)
+        with _autocast_off(x):
+            return head_affine_rows(x, weight, bias, heads, A, v, head_dim, row_ids, backend)
     if is_quantized_weight(weight):
         if validate:
             check_op_inputs(x, weight, bias, heads, A, v, head_dim)
@@ -214,14 +266,6 @@ def head_affine_linear(
         x, weight, bias, A, v = _autocast_inputs(low, x, weight, bias, A, v)
     with _autocast_off(x):
         return _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate)
-
-
-def _autocast_off(t: torch.Tensor):
-    """Autocast off for t's device type while the backends run (a no-op context when it is off already)."""
-    dev = t.device.type
-    if dev in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
-        return torch.autocast(dev, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _head_affine_linear(x, weight, bias, heads, A, v, head_dim, backend, validate):
