@@ -24,6 +24,7 @@ from .adapter import (
     save_adapter,
     unload,
 )
+from .adapter import add_adapter, adapter_ids, adapter_names, delete_adapter, load_adapters, set_adapter
 from .methods import HeadSelection, default_k, random_heads, select_heads, tune
 from .methods import comparators, iti, rep_tuning, repe
 from .models import load_model
@@ -54,6 +55,12 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "load_adapter_config",
+    "load_adapters",
+    "add_adapter",
+    "delete_adapter",
+    "set_adapter",
+    "adapter_names",
+    "adapter_ids",
     "merge",
     "merge_and_unload",
     "export",

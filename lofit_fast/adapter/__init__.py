@@ -1,6 +1,7 @@
 """Adapters (save/load), merge, export, and PEFT-style names."""
 from .export import export
 from .loading import load_adapter, load_adapter_config
+from .multi import add_adapter, adapter_ids, adapter_names, delete_adapter, load_adapters, set_adapter
 from .merge import merge, merge_and_unload, merged_linear
 from .official import OfficialFormatError, import_official
 from .peft_names import disable_adapter, get_nb_trainable_parameters, print_trainable_parameters, unload
@@ -11,6 +12,12 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "load_adapter_config",
+    "load_adapters",
+    "add_adapter",
+    "delete_adapter",
+    "set_adapter",
+    "adapter_names",
+    "adapter_ids",
     "merge",
     "merge_and_unload",
     "merged_linear",

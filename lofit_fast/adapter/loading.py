@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..hooks import hooked_modules
 from ..ops import check_backend_name
-from ..patch import find_attention_sites, patch, patched_modules
+from ..patch import find_attention_sites, get_router, patch, patched_modules
 from .schema import (
     CONFIG_NAME,
     PARAM_DTYPES,
@@ -89,15 +89,9 @@ def _check_tensors(
                 raise AdapterFormatError(f"{path}: {key} contains NaN or inf")
 
 
-def load_adapter(model: nn.Module, directory: Union[str, Path], *, backend: str = "auto") -> nn.Module:
-    """Load an adapter written by `save_adapter` into `model`; returns the model.
-
-    An unpatched model is patched with the adapter's heads and values (`backend` picks the op backend). A
-    model that is already patched with exactly the adapter's heads (and A/v choice) gets the values copied
-    in place (its backend is left as is); any other patched model is an error. Every check runs before the
-    model changes, so on error the model is as it was.
-    """
-    check_backend_name(backend)
+def read_adapter(model: nn.Module, directory: Union[str, Path]):
+    """(config, heads {layer: [heads]}, values {"A": {layer: tensor}, "v": {layer: tensor}} on each layer's
+    device) of a saved adapter, with every check of `load_adapter` against `model`; the model is not changed."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config = load_adapter_config(directory)
@@ -122,13 +116,27 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], *, backend: str 
     if hooked_modules(model):
         raise RuntimeError("the model carries lofit_fast.hooks interventions; remove them with lofit_fast.hooks.unpatch first")
 
-    values = {name: {} for name in ("A", "v")}
+    values: Dict[str, Dict[int, torch.Tensor]] = {name: {} for name in ("A", "v")}
     for layer in heads:
         device = sites[layer].attn.o_proj.weight.device
         for name in values:
             key = tensor_key(layer, name)
             if key in tensors:
                 values[name][layer] = tensors[key].to(device)
+    return config, heads, values
+
+
+def load_adapter(model: nn.Module, directory: Union[str, Path], *, backend: str = "auto") -> nn.Module:
+    """Load an adapter written by `save_adapter` into `model`; returns the model.
+
+    An unpatched model is patched with the adapter's heads and values (`backend` picks the op backend). A
+    model that is already patched with exactly the adapter's heads (and A/v choice) gets the values copied
+    in place (its backend is left as is); any other patched model is an error. Every check runs before the
+    model changes, so on error the model is as it was. Several adapters in one model: `load_adapters`.
+    """
+    check_backend_name(backend)
+    directory = Path(directory)
+    config, heads, values = read_adapter(model, directory)
 
     mods = patched_modules(model)
     if not mods:
@@ -137,6 +145,11 @@ def load_adapter(model: nn.Module, directory: Union[str, Path], *, backend: str 
             A=values["A"] or None, v=values["v"] or None, param_dtype=PARAM_DTYPES[config["param_dtype"]],
         )
 
+    if get_router(model) is not None:
+        raise RuntimeError(
+            f"the model holds several adapters ({get_router(model).names}, lofit_fast.load_adapters); add this one "
+            "with lofit_fast.add_adapter(model, name, path), or unpatch the model first"
+        )
     have = {layer: m.head_list for layer, m in mods.items()}
     if have != heads:
         raise RuntimeError(

@@ -1,6 +1,7 @@
 """Model surgery: find the decoder layers of each family, swap o_proj, unpatch, disable."""
 from .families import SUPPORTED_DECODER_LAYERS, AttentionSite, find_attention_sites
 from .module import HeadInterventionLinear
+from .multi import BASE_NAME, AdapterRouter, MultiHeadInterventionLinear, get_router
 from .surgery import (
     disabled,
     freeze_base,
@@ -17,6 +18,10 @@ __all__ = [
     "AttentionSite",
     "find_attention_sites",
     "HeadInterventionLinear",
+    "MultiHeadInterventionLinear",
+    "AdapterRouter",
+    "BASE_NAME",
+    "get_router",
     "patch",
     "unpatch",
     "disabled",

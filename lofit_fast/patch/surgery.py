@@ -12,6 +12,7 @@ from .._switch import switched_off
 from ..ops import check_backend_name
 from .families import AttentionSite, find_attention_sites
 from .module import HeadInterventionLinear
+from .multi import MultiHeadInterventionLinear, remove_router
 
 HeadSpec = Union[str, Mapping[int, Sequence[int]], Sequence[Sequence[int]], torch.Tensor]
 
@@ -177,6 +178,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for site in find_attention_sites(model):
         if site.layer in mods:
             site.attn.o_proj = mods[site.layer].base_layer
+    remove_router(model)  # a multi-adapter model's hooks (lofit_fast.load_adapters)
     return model
 
 
@@ -189,7 +191,12 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def intervention_parameters(model: nn.Module) -> Iterable[Tuple[str, nn.Parameter]]:
     for name, module in model.named_modules():
-        if isinstance(module, HeadInterventionLinear):
+        if isinstance(module, MultiHeadInterventionLinear):  # the per-adapter tables
+            for pname in ("A_table", "v_table"):
+                p = getattr(module, pname)
+                if p is not None:
+                    yield f"{name}.{pname}", p
+        elif isinstance(module, HeadInterventionLinear):
             for pname in ("A", "v"):
                 p = getattr(module, pname)
                 if p is not None:
