@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops.function import frozen_quantized_linear, is_quantized_weight
+from .patch import HeadInterventionLinear, find_attention_sites
 
 # Short names for models that ship inside PyPI packages.
 PACKAGED_MODELS = {
@@ -71,25 +76,36 @@ def resolve_model_path(name: str) -> Tuple[Path, Optional[str]]:
 QUANTIZE = ("int8", "int4")
 
 
+class FrozenQuantizedLinear(nn.Linear):
+    """An nn.Linear whose weight is frozen and quantized (what `quantize_base` makes of torchao's layers): the
+    same parameters and state dict, but the backward keeps only the quantized weight and dequantizes it when
+    it runs (`lofit_fast.ops.function.frozen_quantized_linear`), instead of torchao's plain autograd, which
+    holds a float copy of every weight from forward to backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_quantized_weight(self.weight):  # e.g. replaced by its dequantized values
+            return F.linear(x, self.weight, self.bias)
+        return frozen_quantized_linear(x, self.weight, self.bias)
+
+
 def quantize_base(model, scheme: str = "int8"):
     """Weight-only quantization (torchao) of every nn.Linear inside the decoder layers (attention and MLP
     projections), in place; embeddings, norms and the LM head stay float. Returns the model.
 
     "int8": torchao `Int8WeightOnlyConfig` (per-channel int8; CPU and GPU). "int4": `Int4WeightOnlyConfig`
     (group size 128, tile-packed for CUDA's tinygemm kernel; torchao has no CPU int4 weight-only kernel that
-    runs without its optional `mslk` package, so on CPU this is an error). Quantize before `lofit_fast.patch`:
+    runs without its optional `mslk` package, so on CPU this is an error). The quantized layers become
+    `FrozenQuantizedLinear` (frozen; dx through them without a float copy of each weight kept for backward, so
+    training memory stays below the float base's). Quantize before `lofit_fast.patch`:
     a patched o_proj on a quantized weight runs the quantized base GEMM plus a thin GEMM over the dequantized
     selected columns (cached), and trains A and v as on a float base.
     """
-    import torch.nn as nn
-
     if scheme not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE} (or None), got {scheme!r}")
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
         raise ImportError(f"quantize={scheme!r} needs torchao: pip install torchao") from exc
-    from .patch import HeadInterventionLinear, find_attention_sites
 
     sites = find_attention_sites(model)
     layers = [model.get_submodule(site.path) for site in sites]
@@ -109,6 +125,11 @@ def quantize_base(model, scheme: str = "int8"):
             )
         config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
     quantize_(model, config, filter_fn=lambda module, fqn: id(module) in targets)
+    for layer in layers:
+        for m in layer.modules():
+            if type(m) is nn.Linear and is_quantized_weight(m.weight):
+                m.weight.requires_grad_(False)
+                m.__class__ = FrozenQuantizedLinear  # same object and parameters; a lean backward
     return model
 
 

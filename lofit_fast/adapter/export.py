@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from ..hooks import hooked_modules
-from ..models import drop_dequantized_gguf_marker
-from ..patch import patched_modules
+from ..models import FrozenQuantizedLinear, drop_dequantized_gguf_marker
+from ..ops.function import is_quantized_weight
+from ..patch import HeadInterventionLinear, patched_modules
 from .merge import merge
 
 
@@ -26,6 +27,30 @@ def copy_sharing_tensors(model: nn.Module) -> nn.Module:
     """
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def dequantize_weights(model: nn.Module) -> int:
+    """Replace every quantized parameter (torchao, `lofit_fast.models.quantize_base`) of `model` by a new plain
+    parameter holding its dequantized values, in the dtype it dequantizes to; returns how many were replaced.
+
+    Meant for a `copy_sharing_tensors` copy: the quantized tensors themselves are not changed, so the model
+    they came from keeps them. A parameter shared by several modules stays shared. A FrozenQuantizedLinear
+    becomes a plain nn.Linear, and a patched o_proj drops its cached W_S, so it (and `merge`) then runs the
+    float path on the dequantized weight.
+    """
+    new = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and is_quantized_weight(p):
+                if id(p) not in new:
+                    new[id(p)] = nn.Parameter(p.dequantize().contiguous(), requires_grad=False)
+                setattr(module, name, new[id(p)])
+        if type(module) is FrozenQuantizedLinear:
+            module.__class__ = nn.Linear  # the copy's own module object: the caller's keeps its class
+        if isinstance(module, HeadInterventionLinear) and module.w_sel is not None:
+            module.w_sel = None
+    return len(new)
 
 
 def _state_keys_for(model: nn.Module, config) -> Set[str]:
@@ -100,6 +125,13 @@ def export(
     tensors (no extra memory beyond the merged o_proj weights). Offsets need an o_proj bias, which Hugging
     Face configs express only with `attention_bias=True`; that also adds q/k/v biases, written as zeros.
 
+    A quantized frozen base (torchao weight-only, `lofit_fast.models.quantize_base`) is exported dequantized:
+    plain float weights (the dtype the quantized tensors dequantize to) equal to the quantized ones, with A
+    folded into the o_proj columns and v into an o_proj bias, exactly as on a float model (the same W_S the
+    quantized forward uses; no requantization). Any serving stack loads it with transformers alone (no torchao,
+    no lofit_fast), and may requantize it with its own scheme; the logits match the patched quantized model up
+    to float rounding. The copy needs the memory of the dequantized weights while it is written.
+
     The checkpoint is written to a temporary folder beside `directory` and renamed into place at the end, so
     a failure (a full disk) leaves no half-written checkpoint and whatever was there before. A non-empty
     `directory` is refused unless `overwrite`; the folder the model was loaded from is always refused.
@@ -115,6 +147,7 @@ def export(
     directory = Path(directory)
     check_export_target(directory, overwrite, model_source_folder(model))
     work = copy_sharing_tensors(model)
+    dequantize_weights(work)
     if patched_modules(work):
         merge(work)
     drop_dequantized_gguf_marker(work)

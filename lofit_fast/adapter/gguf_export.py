@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
+from ..models import resolve_model_path
+from ..ops.function import is_quantized_weight
 from ..patch import find_attention_sites
 from .merge import fold_intervention
 from .saving import require_patched
@@ -36,6 +38,10 @@ from .saving import require_patched
 # GGUF architectures whose llama.cpp loader reads an optional attention output bias (LLM_ARCH_LLAMA covers
 # Llama 2/3, SmolLM2 and Mistral files).
 BIAS_ARCHS = ("llama",)
+# The source-weight check's default tolerance when the model's o_proj is quantized: torchao re-rounds the
+# dequantized GGUF values (int8 per-channel: 0.8-1.2% relative on SmolLM2's o_proj layers; int4 with groups of 128
+# several times that), while the o_proj of another model is ~100% away.
+QUANTIZED_CHECK_TOL = 0.15
 REQUANTIZABLE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
@@ -95,8 +101,10 @@ def export_gguf(
 
     The model must be patched (lofit_fast.patch / load_adapter / import_official). Before writing, the
     dequantized `attn_output.weight` of every patched layer is compared with the model's o_proj weight
-    (relative error ≤ check_tol; default 1e-3 for a float32 model, 1e-2 for 16-bit ones), so a GGUF of another
-    model is an error rather than a silently wrong file. The merge uses the file's own dequantized weights.
+    (relative error ≤ check_tol; default 1e-3 for a float32 model, 1e-2 for 16-bit ones, QUANTIZED_CHECK_TOL for a
+    quantized base, whose weights are the file's re-rounded), so a GGUF of another model is an error rather than
+    a silently wrong file. The merge uses the file's own dequantized weights, also on a quantized base (LoFiT
+    trained there against the int8-rounded weights: the offsets then meet the GGUF's own rounding instead).
     """
     gguf = _gguf()
     mods = require_patched(model, "export a GGUF")
@@ -127,7 +135,9 @@ def export_gguf(
         )
     tensors = {t.name: t for t in reader.tensors}
     if check_tol is None:
-        check_tol = 1e-3 if next(iter(mods.values())).weight.dtype == torch.float32 else 1e-2
+        first = next(iter(mods.values())).weight
+        check_tol = (QUANTIZED_CHECK_TOL if is_quantized_weight(first)
+                     else 1e-3 if first.dtype == torch.float32 else 1e-2)
 
     replace: Dict[str, tuple] = {}  # name -> (array, raw_dtype or None)
     added, rewritten, weight_types = [], [], {}
@@ -137,7 +147,8 @@ def export_gguf(
             raise GGUFExportError(f"{source_gguf} has no tensor {wname}")
         src = tensors[wname]
         W = _dequantized(src)
-        base = m.weight.detach().float().cpu().numpy()
+        quantized = is_quantized_weight(m.weight)
+        base = (m.weight.dequantize() if quantized else m.weight).detach().float().cpu().numpy()
         if W.shape != base.shape:
             raise GGUFExportError(f"{wname} is {list(W.shape)} in {source_gguf} but o_proj of layer {layer} is {list(base.shape)}")
         rel = float(np.linalg.norm(W - base) / max(np.linalg.norm(base), 1e-30))
@@ -368,8 +379,6 @@ def read_vectors_file(path: Union[str, Path]) -> Tuple[Dict[int, torch.Tensor], 
 
 def model_type_and_layers(name: str) -> Tuple[str, int]:
     """(model_type, number of layers) of a model name / .gguf / HF folder, read from its metadata only."""
-    from ..models import resolve_model_path
-
     directory, gguf_file = resolve_model_path(name)
     if gguf_file is not None:
         reader = _gguf().GGUFReader(Path(directory) / gguf_file)
