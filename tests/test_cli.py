@@ -59,6 +59,14 @@ def test_run_truthfulqa_writes_the_results_the_readme_shows(model_dir, tmp_path,
         assert set(results[name]) == {"mc1", "mc2"}
         assert all(0.0 <= v <= 1.0 for v in results[name].values())
     assert results["train_examples"] == 5 and results["eval_examples"] == 3 and results["eval_split"] == "test"
+    for arm in ("base", "lofit", "random"):  # per-item scores behind every aggregate, and the paired intervals
+        for metric in ("mc1", "mc2"):
+            per_item = results["item_scores"][arm][metric]
+            assert len(per_item) == 3 and sum(per_item) / 3 == pytest.approx(results[arm][metric])
+    assert set(results["paired"]) == {f"lofit - {o} ({m})" for o in ("base", "random") for m in ("mc1", "mc2")}
+    gain = results["paired"]["lofit - base (mc2)"]
+    assert gain["mean_diff"] == pytest.approx(results["lofit"]["mc2"] - results["base"]["mc2"])
+    assert gain["ci_low"] <= gain["mean_diff"] <= gain["ci_high"]
     selection = json.loads((out / "selection.json").read_text())
     assert [[l, h] for l, h, _ in selection["ranked"][:2]] == results["heads"]
     assert (out / "heads.png").read_bytes()[:4] == b"\x89PNG"
@@ -66,6 +74,7 @@ def test_run_truthfulqa_writes_the_results_the_readme_shows(model_dir, tmp_path,
     assert sorted([int(l), h] for l, hs in config["heads"].items() for h in hs) == sorted(results["heads"])
     printed = capsys.readouterr().out
     assert "base" in printed and "lofit (top 2)" in printed and "random 2 heads" in printed
+    assert "lofit - base (mc1)" in printed and "paired bootstrap 95% interval" in printed
 
 
 @pytest.mark.parametrize("task", ["clutrr", "mquake"])

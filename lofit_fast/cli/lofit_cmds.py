@@ -86,6 +86,14 @@ def print_results(results: dict, out: str) -> None:
     source = results.get("selection_from", {}).get("task")
     label = f"lofit (top {k}" + (f", heads from {source})" if source else ")")
     print(table({"base": results["base"], label: results["lofit"], f"random {k} heads": results["random"]}))
+    paired = results.get("paired") or {}
+    if paired:
+        confidence = next(iter(paired.values()))["confidence"]
+        print(f"\ngains over {results['eval_examples']} items, paired bootstrap {confidence:.0%} interval "
+              f"(P = share of resamples where LoFiT is not ahead):")
+        for name, st in paired.items():
+            print(f"  {name:24s} {st['mean_diff']:+.4f}  [{st['ci_low']:+.4f}, {st['ci_high']:+.4f}]  "
+                  f"P = {st['p_not_better']:.3f}")
     names = {"results.json": "results.json", "selection.json": "selection.json", "heads.png": "heads.png (heat map)",
              "losses.png": "losses.png", "predictions.jsonl": "predictions.jsonl", "adapter": "adapter/",
              "random_adapter": "random_adapter/"}

@@ -16,29 +16,54 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..adapter import save_adapter
 from ..analysis import plot_head_scores, plot_losses
-from ..eval import evaluate
+from ..eval import evaluate, paired_bootstrap
 from ..methods import HeadSelection, default_k, random_heads, select_heads, tune
 from ..patch import find_attention_sites, trainable_parameters, unpatch
 from .results import RESULT_KEYS, previous_results, read_predictions, write_json, write_predictions
 from .settings import RunSettings, hyperparameters, load_model_for, log, splits
 
 
-def evaluate_arm(settings, model, tokenizer, items, label: str,
-                 predictions: Optional[list] = None) -> Dict[str, float]:
-    """Metrics of `model` on `items`; for the generation tasks each generation with its gold answers is
+def evaluate_arm(settings, model, tokenizer, items, label: str, predictions: Optional[list] = None,
+                 item_scores: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+    """Metrics of `model` on `items`. For the generation tasks each generation with its gold answers is
     appended to `predictions` (when given) as {"arm": label, "prompt", "generated", "prediction", "answers",
-    "correct"}."""
+    "correct"}; `item_scores` (when given) receives every metric's score per item (for paired intervals)."""
     log(settings, f"evaluating {label} on {len(items)} {settings.task} examples ...")
-    kw = {"return_predictions": True} if predictions is not None and settings.task != "truthfulqa" else {}
+    want_items = predictions is not None or item_scores is not None
+    if settings.task == "truthfulqa":
+        kw = {"return_items": True} if item_scores is not None else {}
+    else:
+        kw = {"return_predictions": True} if want_items else {}
     metrics = evaluate(settings.task, model, tokenizer, items, batch_size=settings.eval_batch_size,
                        progress=not settings.quiet, **kw)
-    for record in metrics.pop("predictions", []):
-        predictions.append({"arm": label, **record})
+    per_item = metrics.pop("items", None)
+    records = metrics.pop("predictions", [])
+    if predictions is not None:
+        predictions.extend({"arm": label, **record} for record in records)
+    if item_scores is not None:
+        if per_item is not None:
+            item_scores.update({m: [float(r[m]) for r in per_item] for m in metrics})
+        else:
+            item_scores["accuracy"] = [float(r["correct"]) for r in records]
     return {k: float(v) for k, v in metrics.items()}
+
+
+def paired_intervals(item_scores: Dict[str, Dict[str, List[float]]], samples: int = 10000) -> dict:
+    """{"lofit - base (metric)": paired bootstrap of the per-item difference, ...}, against base and random
+    heads, for the arms whose per-item scores are there."""
+    out = {}
+    for other in ("base", "random"):
+        if "lofit" not in item_scores or other not in item_scores:
+            continue
+        for metric, ours in item_scores["lofit"].items():
+            theirs = item_scores[other].get(metric)
+            if theirs is not None and len(theirs) == len(ours) and ours:
+                out[f"lofit - {other} ({metric})"] = paired_bootstrap(ours, theirs, samples=samples)
+    return out
 
 
 def train_kw(settings) -> dict:
@@ -123,7 +148,10 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         "hyperparameters": hyper,
         "seconds_by_stage": seconds,
         "train_loss": {},
+        "paired": {},
     }
+    item_scores: Dict[str, Dict[str, List[float]]] = {}  # arm -> metric -> score per evaluation item
+    info["item_scores"] = item_scores
     resume = settings.resume
     previous = previous_results(results_path, info) if resume else {}
     checkpoints = os.path.join(out, "checkpoints")
@@ -147,9 +175,12 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         log(settings, f"resuming: base model metrics from {results_path}")
         base = previous["base"]
         seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
+        if "base" in previous.get("item_scores", {}):
+            item_scores["base"] = previous["item_scores"]["base"]
     else:
         t = time.perf_counter()
-        base = evaluate_arm(settings, model, tokenizer, eval_items, "the base model", predictions)
+        item_scores["base"] = {}
+        base = evaluate_arm(settings, model, tokenizer, eval_items, "the base model", predictions, item_scores["base"])
         seconds["eval_base"] = round(time.perf_counter() - t, 1)
         write_predictions(out, predictions)
     checkpoint(base=base)
@@ -186,6 +217,8 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
             for stage in stages:
                 seconds[stage] = previous["seconds_by_stage"].get(stage, 0.0)
             info["train_loss"][name] = previous.get("train_loss", {}).get(name)
+            if name in previous.get("item_scores", {}):
+                item_scores[name] = previous["item_scores"][name]
             return previous[name], previous["trainable_params"]
         t = time.perf_counter()
         log(settings, announce)
@@ -199,7 +232,8 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
             save_adapter(tuned, os.path.join(out, "random_adapter"), method="lofit-random-heads",
                          hyperparameters=hyper)
         t = time.perf_counter()
-        metrics = evaluate_arm(settings, tuned, tokenizer, eval_items, label, predictions)
+        item_scores[name] = {}
+        metrics = evaluate_arm(settings, tuned, tokenizer, eval_items, label, predictions, item_scores[name])
         seconds[stages[1]] = round(time.perf_counter() - t, 1)
         write_predictions(out, predictions)
         trainable = trainable_count(tuned)
@@ -216,6 +250,7 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
     reuse = "random" in previous and previous.get("random_heads") == info["random_heads"]
     rand, _ = step2("random", rand_heads, reuse, f"baseline: tuning v on {k} random heads {rand_heads} ...",
                     "random heads", ("tune_random", "eval_random"))
+    info["paired"] = paired_intervals(item_scores)
     checkpoint(random=rand)
     if any(isinstance(v, list) and v for v in info["train_loss"].values()):
         plot_losses(info["train_loss"], os.path.join(out, "losses.png"), title=f"LoFiT training loss ({settings.task})")
