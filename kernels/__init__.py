@@ -7,13 +7,15 @@
   reduced only over column tiles of selected heads (or, without dx, a thin GEMM over those columns).
 
 Heads are addressed through `slot` (int32 [H]: a head's row in A and v, or -1 when unselected), which
-`head_slots` builds. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (`INTERPRETED` is True).
+`head_slots` builds. Many adapters in one batch (per-row tables): `rows_forward`, `offset_rows`,
+`rows_head_grads` (rows.py). Under TRITON_INTERPRET=1 the kernels run on CPU tensors (`INTERPRETED` is True).
 """
 import torch
 
 from ._common import INTERPRETED, pick_config
 from .backward import head_affine_backward
 from .forward import head_affine_forward, offset_bias, scaled_columns, scaled_weight
+from .rows import offset_rows, rows_forward, rows_head_grads
 
 
 def head_slots(heads: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -24,4 +26,4 @@ def head_slots(heads: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 __all__ = ["INTERPRETED", "pick_config", "head_affine_forward", "head_affine_backward", "offset_bias",
-           "scaled_columns", "scaled_weight", "head_slots"]
+           "scaled_columns", "scaled_weight", "head_slots", "rows_forward", "offset_rows", "rows_head_grads"]

@@ -27,7 +27,7 @@ def test_every_backend_has_per_row_kernels():
 
 # (leading shape, H, head_dim, D_out, heads, n_adapters): odd D_out and row counts, 3-D input, dense (all heads).
 OP_CASES = [((9,), 5, 16, 37, [1, 3], 3), ((2, 5), 4, 32, 29, [0, 2, 3], 4), ((7,), 4, 16, 21, [0, 1, 2, 3], 2),
-            ((1,), 3, 64, 50, [2], 1)]
+            ((1,), 3, 64, 50, [2], 1), ((40,), 3, 16, 19, [0, 2], 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -134,6 +134,22 @@ def test_rows_backward_each_row_lands_in_its_adapter(backend, case, dtype, mode)
     for a in range(n):
         if a not in used:  # an adapter no row uses gets exactly zero gradient
             assert v.grad[a].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_rows_strided_input_and_many_rows(backend):
+    """A strided x (every other column) and more rows than the decode kernels take."""
+    device = device_for(backend)
+    H, d, D_out, n = 3, 16, 23, 4
+    x = torch.randn(41, 2 * H * d, device=device)[:, ::2]
+    W = torch.randn(D_out, H * d, device=device) / math.sqrt(H * d)
+    heads = torch.tensor([0, 2], device=device)
+    A, v = 0.5 * torch.randn(n, 2, d, device=device), 0.5 * torch.randn(n, 2, d, device=device)
+    ids = torch.randint(-1, n, (41,), device=device)
+    x_before = x.clone()
+    y = lofit_fast.head_affine_linear(x, W, None, heads, A, v, d, backend=backend, row_ids=ids)
+    assert rel_err(y, _row_reference(x, W, None, heads, A, v, ids, d)) < OUT_TOL[torch.float32]
+    assert torch.equal(x, x_before)
 
 
 @pytest.mark.parametrize("backend", [b for b in ROW_BACKENDS if b in ("torch", "cpp")])

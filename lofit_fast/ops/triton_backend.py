@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ._cache import DerivedCache, build_detached
+from .torch_backend import segment_sum, selected_columns
 
 _KERNELS = "lofit_fast.kernels"
 
@@ -35,7 +36,9 @@ def import_kernels():
     except BaseException:
         sys.modules.pop(_KERNELS, None)
         raise
-    lofit_fast.kernels = module
+    package = sys.modules.get("lofit_fast")
+    if package is not None:
+        package.kernels = module  # as an installed lofit_fast.kernels would be
     return module
 
 
@@ -119,6 +122,35 @@ class TritonBackend:
         return self.kernels.head_affine_backward(
             dy, weight, heads, slot, A, x_sel, head_dim, need_dx, need_dA, need_dv
         )
+
+    # Per-row tables (lofit_fast/ops/rows.py): the offset rows v W_Sᵀ [n_adapters, D_out] once per parameter
+    # version, gathered per row in the GEMM's epilogue; A[rid] scales each x_S tile in the thin loop.
+    def _offset_rows(self, weight, heads, v, head_dim) -> torch.Tensor:
+        return self._cache.get((weight, heads, v), ("offset_rows", head_dim),
+                               lambda: build_detached(self.kernels.offset_rows, weight, heads, v, head_dim))
+
+    def forward_rows(self, x, weight, bias, heads, A, v, row_ids, head_dim):
+        off = self._offset_rows(weight, heads, v, head_dim) if v is not None else None
+        return self.kernels.rows_forward(x, weight, bias, heads, A, off, row_ids, head_dim)
+
+    def backward_rows(self, dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv):
+        k = self.kernels
+        K = heads.numel()
+        dx = dA = dv = None
+        if need_dx:
+            slot = self._slot(heads, weight.shape[1] // head_dim)
+            g, _, _ = k.head_affine_backward(dy, weight, heads, slot, None, None, head_dim, True, False, False)
+            gs, gx = k.rows_head_grads(g, x_sel, A, row_ids, heads, head_dim, True, need_dv, need_dA)
+            dx = g
+        else:  # g_S = dy W_S only
+            g_sel = dy @ weight.index_select(1, selected_columns(heads, head_dim))
+            local = torch.arange(K, device=heads.device)
+            gs, gx = k.rows_head_grads(g_sel, x_sel, None, row_ids, local, head_dim, False, need_dv, need_dA)
+        if need_dA:
+            dA = segment_sum(gx, row_ids, n_adapters).view(n_adapters, K, head_dim)
+        if need_dv:
+            dv = segment_sum(gs, row_ids, n_adapters).view(n_adapters, K, head_dim)
+        return dx, dA, dv
 
 
 BACKEND = TritonBackend()
