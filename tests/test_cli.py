@@ -369,3 +369,33 @@ def test_checkpoint_every_is_refused_for_the_relatives(model_dir, tmp_path, caps
     assert run_cli("run", "--model", model_dir, "--task", "clutrr", "--data", FIXTURES, "--method", "iti",
                    "--checkpoint-every", "2", "--out", tmp_path / "iti", *QUIET) == 1
     assert "--checkpoint-every" in one_error_line(capsys)
+
+
+def test_run_over_seeds_reports_mean_and_spread(model_dir, tmp_path, capsys):
+    """--seeds: one run per seed (own random heads), base evaluated once, summary.json with mean ± std that
+    matches the per-seed results."""
+    out = tmp_path / "seeds"
+    assert run_cli("run", "--model", model_dir, "--task", "truthfulqa", "--data", FIXTURES, "--k", 2,
+                   "--seeds", "1,2,3", "--out", out, *FAST) == 0
+    runs = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (1, 2, 3)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2, 3]
+    for arm in ("base", "lofit", "random"):
+        for metric in ("mc1", "mc2"):
+            values = [r[arm][metric] for r in runs]
+            row = summary["summary"][arm][metric]
+            assert row["values"] == values and row["mean"] == pytest.approx(sum(values) / 3)
+            assert row["std"] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item())
+    assert summary["summary"]["base"]["mc1"]["std"] == 0.0  # the base model is deterministic
+    assert [r["seconds_by_stage"]["eval_base"] for r in runs][1:] == [0.0, 0.0]  # ... and evaluated once
+    assert len({json.dumps(r["random_heads"]) for r in runs}) > 1  # each seed draws its own random heads
+    assert "mean ± standard deviation over 3 seeds" in capsys.readouterr().out
+
+
+def test_seeds_argument_is_checked():
+    from lofit_fast.cli.common import seeds_arg
+
+    assert seeds_arg("42,43, 44") == [42, 43, 44]
+    for bad in ("1,1", "a,b", ""):
+        with pytest.raises(Exception, match="seeds must"):
+            seeds_arg(bad)

@@ -78,6 +78,16 @@ def heads_arg(text: str):
     return pairs
 
 
+def seeds_arg(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must look like '42,43,44', got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct integers, e.g. '42,43,44', got {text!r}")
+    return seeds
+
+
 def layers_arg(text: str) -> List[int]:
     out = []
     try:

@@ -14,6 +14,7 @@ from ..experiments import (
     load_selection,
     run_experiment,
     run_method_experiment,
+    run_seeds,
     select,
     tune_heads,
 )
@@ -31,6 +32,7 @@ from .common import (
     load_model_from_args,
     nonnegative_int,
     positive_int,
+    seeds_arg,
     table,
 )
 
@@ -100,6 +102,26 @@ def print_results(results: dict, out: str) -> None:
     print(f"\noutputs in {out}: " + ", ".join(v for k, v in names.items() if os.path.exists(os.path.join(out, k))))
 
 
+def print_seed_summary(report: dict, out: str) -> None:
+    n = len(report["seeds"])
+    print(f"\n{report['task']} ({report['eval_examples']} examples), model {report['model']}, K = {report['k']} heads, "
+          f"mean ± standard deviation over {n} seeds {report['seeds']}, {report['seconds']:.0f} s")
+    metrics = list(report["summary"]["lofit"])
+    rows = {"base": "base", "lofit": f"lofit (top {report['k']})", "random": f"random {report['k']} heads"}
+    cells = [["", *metrics]]
+    for arm, label in rows.items():
+        cells.append([label, *[f"{report['summary'][arm][m]['mean']:.4f} ± {report['summary'][arm][m]['std']:.4f}"
+                               for m in metrics]])
+    for other in ("base", "random"):
+        gains = report[f"lofit_minus_{other}"]
+        cells.append([f"lofit − {other}", *[f"{gains[m]['mean']:+.4f} ± {gains[m]['std']:.4f}"
+                                             + (" *" if gains[m]["beyond_spread"] else "") for m in metrics]])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells))
+    print(f"(* the mean gain exceeds its standard deviation over seeds)\nsummary in {os.path.join(out, 'summary.json')}, "
+          f"each seed's run in {os.path.join(out, 'seed_<seed>')}/")
+
+
 def rank_outputs(args):
     """Under a multi-process launch, ranks other than 0 train with rank 0 but write into a throw-away folder
     and stay quiet: every file in --out comes from rank 0, and there is one progress bar. Returns that
@@ -137,6 +159,12 @@ def cmd_run(args) -> int:
         return _run_on_other_rank(args, scratch, train_items, eval_items)
     if args.method != "lofit" and args.checkpoint_every:
         raise UserError(f"--checkpoint-every checkpoints LoFiT's training stages; run --method {args.method} has none")
+    if args.seeds and args.method != "lofit":
+        raise UserError(f"--seeds repeats the LoFiT run; run --method {args.method} takes --seed")
+    if args.seeds:
+        report = run_seeds(args, train_items, eval_items, args.seeds)
+        print_seed_summary(report, args.out)
+        return 0
     if args.method != "lofit":
         results = run_method_experiment(args, train_items, eval_items)
         print(f"\n{args.task} ({results['eval_split']}, {results['eval_examples']} examples), model {args.model}, "
@@ -207,6 +235,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse every stage (base metrics, head selection, LoFiT, random heads) that an earlier run "
                         "with the same settings and data finished in --out")
+    p.add_argument("--seeds", type=seeds_arg, default=None, metavar="S1,S2,...",
+                   help="repeat the run once per seed (each its own initializations, data order and random heads, in "
+                        "--out/seed_S/) and report mean ± standard deviation in --out/summary.json")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=0, metavar="N",
                    help="checkpoint each training stage every N optimizer steps into --out/checkpoints (parameters, "
                         "optimizer, scheduler, RNG states, data position); --resume then continues a killed run from "

@@ -4,6 +4,7 @@ of a finished run. The CLI and `bench/` call them; nothing here imports either."
 from .lofit_run import evaluate_arm, load_selection, run_experiment, select, train_kw, tune_heads
 from .methods_run import METHODS, rep_tuning_examples, run_method, run_method_experiment
 from .paired import paired_evaluation, per_item_scores
+from .seeds import run_seeds, summarize
 from .results import RESULT_KEYS, previous_results, write_json
 from .settings import (
     CLUTRR_TRAIN_SIZE,
@@ -20,5 +21,5 @@ __all__ = [
     "RunSettings", "run_experiment", "run_method", "run_method_experiment", "paired_evaluation", "per_item_scores",
     "evaluate_arm", "select", "tune_heads", "train_kw", "load_selection", "METHODS", "DEFAULT_LR", "DEFAULT_SEED",
     "CLUTRR_TRAIN_SIZE", "RESULT_KEYS", "previous_results", "write_json", "hyperparameters", "load_model_for",
-    "splits", "task_items", "rep_tuning_examples",
+    "splits", "task_items", "rep_tuning_examples", "run_seeds", "summarize",
 ]

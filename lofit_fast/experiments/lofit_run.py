@@ -121,10 +121,12 @@ def previous_selection(path: str, settings, model, train_examples: int) -> Optio
     return selection if same else None
 
 
-def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, model=None, tokenizer=None) -> dict:
+def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, model=None, tokenizer=None,
+                   known_base: Optional[Tuple[Dict[str, float], Optional[Dict[str, List[float]]]]] = None) -> dict:
     """Base, LoFiT and random heads (same K) on one task; writes results.json, selection.json, heads.png and
     the LoFiT adapter to `settings.out` and returns the results. `settings`: a RunSettings (or any object
-    with its fields, e.g. the CLI's argparse namespace)."""
+    with its fields, e.g. the CLI's argparse namespace). `known_base`: (metrics, per-item scores) of the base
+    model on these evaluation items, already measured (the base model is deterministic): not evaluated again."""
     settings = RunSettings.of(settings)
     start = time.perf_counter()
     out = settings.out
@@ -177,6 +179,11 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
         if "base" in previous.get("item_scores", {}):
             item_scores["base"] = previous["item_scores"]["base"]
+    elif known_base is not None:
+        base = dict(known_base[0])
+        seconds["eval_base"] = 0.0
+        if known_base[1] is not None:
+            item_scores["base"] = known_base[1]
     else:
         t = time.perf_counter()
         item_scores["base"] = {}

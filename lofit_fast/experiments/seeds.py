@@ -1,0 +1,65 @@
+"""A LoFiT run repeated over seeds, reported as mean ± standard deviation: each seed draws its own step-1 and
+step-2 initializations, data order and random heads (`run_experiment` with that seed, in out/seed_<seed>/);
+the base model is deterministic and is evaluated once."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Dict, List, Sequence
+
+from .lofit_run import run_experiment
+from .results import write_json
+from .settings import RunSettings, load_model_for, log
+
+ARMS = ("base", "lofit", "random")
+
+
+def _mean_std(values: List[float]) -> Dict[str, object]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}
+
+
+def summarize(runs: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, object]]]:
+    """{arm: {metric: {"mean", "std" (sample, n − 1), "values" per seed}}} over the runs' results."""
+    return {arm: {metric: _mean_std([float(r[arm][metric]) for r in runs]) for metric in runs[0][arm]}
+            for arm in ARMS}
+
+
+def run_seeds(settings, train_items: Sequence, eval_items: Sequence, seeds: Sequence[int], *, model=None,
+              tokenizer=None) -> dict:
+    """run_experiment once per seed (in settings.out/seed_<seed>/), then summary.json in settings.out:
+    {"seeds", "summary": summarize(...), "lofit_minus_random" / "lofit_minus_base": the mean gain, its standard
+    deviation over seeds and whether it exceeds that spread, per metric}."""
+    settings = RunSettings.of(settings)
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    start = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model_for(settings)
+    runs, base = [], None
+    for seed in seeds:
+        log(settings, f"seed {seed} ({len(runs) + 1} of {len(seeds)})")
+        one = dataclasses.replace(settings, seed=seed, out=os.path.join(settings.out, f"seed_{seed}"))
+        result = run_experiment(one, train_items, eval_items, model=model, tokenizer=tokenizer, known_base=base)
+        base = (result["base"], result.get("item_scores", {}).get("base"))
+        runs.append(result)
+    summary = summarize(runs)
+    gains = {}
+    for other in ("base", "random"):
+        gains[f"lofit_minus_{other}"] = {}
+        for metric in summary["lofit"]:
+            diffs = [float(r["lofit"][metric]) - float(r[other][metric]) for r in runs]
+            row = _mean_std(diffs)
+            row["beyond_spread"] = bool(len(diffs) > 1 and row["mean"] > row["std"])
+            gains[f"lofit_minus_{other}"][metric] = row
+    report = {"task": settings.task, "model": settings.model, "k": runs[0]["k"], "seeds": seeds,
+              "eval_examples": runs[0]["eval_examples"], "summary": summary, **gains,
+              "random_heads": {str(s): r["random_heads"] for s, r in zip(seeds, runs)},
+              "heads": {str(s): r["heads"] for s, r in zip(seeds, runs)},
+              "seconds": round(time.perf_counter() - start, 1)}
+    write_json(os.path.join(settings.out, "summary.json"), report)
+    return report
