@@ -27,6 +27,7 @@ float32 the loop is the one it always was (same batches, losses and parameters; 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -44,11 +45,12 @@ import torch.nn as nn
 from ._files import TEMP_SUFFIX, atomic_write
 from .data import collate_preference, collate_sft, pad_token_id
 from .losses import IGNORE_INDEX, completion_loss, dpo_loss, sequence_logprobs
-from .patch import disabled
+from .patch import disabled, find_attention_sites
 
 KINDS = ("sft", "dpo")
 SCHEDULES = ("linear", "constant")
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DIST_TIMEOUT_ENV = "LOFIT_FAST_DIST_TIMEOUT"
 
 
 def _move(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -151,6 +153,9 @@ class Runtime:
 
     A launch is recognised by the launcher's environment (WORLD_SIZE > 1, set by `accelerate launch` and
     `torchrun`); `accelerate.PartialState` then initialises the process group and picks this rank's device.
+    LOFIT_FAST_DIST_TIMEOUT (seconds) sets the process group's timeout, i.e. how long a collective waits for a
+    process that hangs before the run fails (torch's default: 10 min on gloo and NCCL); a process that dies
+    is noticed sooner (its connections close).
     """
 
     def __init__(self, model_device: torch.device):
@@ -159,7 +164,17 @@ class Runtime:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState(cpu=model_device.type == "cpu")
+            kwargs = {}
+            timeout = os.environ.get(DIST_TIMEOUT_ENV)
+            if timeout:
+                try:
+                    seconds = float(timeout)
+                except ValueError:
+                    seconds = -1.0
+                if not seconds > 0:
+                    raise ValueError(f"{DIST_TIMEOUT_ENV} must be a number of seconds > 0, got {timeout!r}")
+                kwargs["timeout"] = datetime.timedelta(seconds=seconds)
+            self.state = PartialState(cpu=model_device.type == "cpu", **kwargs)
             self.world_size, self.rank = self.state.num_processes, self.state.process_index
             self.device = self.state.device if model_device.type != "cpu" else torch.device("cpu")
 
@@ -238,6 +253,115 @@ def _sum_gradients(rt: Runtime, params: List[nn.Parameter]) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+# ------------------------------------------------------------------------------------------------- FSDP2
+def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _patched_with_base(model: nn.Module) -> List[nn.Module]:
+    """The patched o_proj modules (they keep the Linear they replaced, for unpatch, outside the module tree)."""
+    return [m for m in model.modules() if "base_layer" in m.__dict__]
+
+
+def fsdp_shard(model: nn.Module, trainable: Iterable[nn.Parameter], *, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard the frozen base of `model` over the processes of the current launch with FSDP2 (`fully_shard`):
+    one unit per decoder layer, and the model itself (embeddings, final norm, LM head). `trainable` (A and v)
+    stays out of FSDP (`ignored_params`): plain, replicated tensors whose gradients `train` sums over ranks
+    with one all-reduce, as without FSDP. The patched o_proj modules keep working: FSDP gathers each layer's
+    weights before its forward and backward and sets them on the modules that own them. The Linear each
+    patched module keeps for `unpatch` is pointed at the shard, so no full copy of its weight stays behind.
+    Every forward and backward is then a collective: every rank must run the same passes. `fsdp_unshard`
+    gives the plain model back."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("fsdp_shard needs the process group of a multi-process launch (torchrun / "
+                           "accelerate launch); none is initialised")
+    if _fsdp_modules(model):
+        raise ValueError("the model is already sharded with FSDP")
+    patched = _patched_with_base(model)
+    quantized = [m for m in patched if getattr(m, "w_sel", None) is not None]
+    if quantized:
+        raise ValueError("fsdp: a quantized frozen base (torchao weights) cannot be sharded with FSDP2 here; "
+                         "train it without fsdp")
+    ignored = set(trainable)
+    sites = find_attention_sites(model)
+    if not sites:
+        raise ValueError("fsdp: no decoder layers found to shard")
+    for site in sites:
+        fully_shard(model.get_submodule(site.path), ignored_params=ignored,
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(model, ignored_params=ignored, reshard_after_forward=reshard_after_forward)
+    for m in patched:  # drop the last reference to each full o_proj weight
+        m.base_layer.weight = m.weight
+        if m.base_layer.bias is not None and m.bias is not None:
+            m.base_layer.bias = m.bias
+    return model
+
+
+def fsdp_unshard(model: nn.Module) -> nn.Module:
+    """Undo `fsdp_shard`: gather every sharded parameter (a collective: every rank calls it) and give the model
+    plain, full parameters, its own classes and no FSDP hooks, so that unpatch, merge, saving and evaluation
+    work as on a model that was never sharded."""
+    from torch.distributed._composable_state import _module_state_mapping
+
+    modules = _fsdp_modules(model)
+    for m in modules:
+        m.reshard()
+    for m in modules:
+        state = m._get_fsdp_state()
+        for group in state._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                sharded = fp.sharded_param
+                full = nn.Parameter(sharded.full_tensor().detach(), requires_grad=sharded.requires_grad)
+                info = fp._module_info
+                for owner, name in [(info.module, info.param_name)] + list(zip(info.shared_modules,
+                                                                                 info.shared_param_names)):
+                    owner._parameters[name] = full
+        state._pre_forward_hook_handle.remove()
+        state._post_forward_hook_handle.remove()
+        m.__class__ = type(m).__mro__[type(m)._orig_cls_mro_index]
+        _module_state_mapping.pop(m, None)
+    for sub in model.modules():
+        for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+            sub.__dict__.pop(attr, None)
+    for m in _patched_with_base(model):
+        m.base_layer.weight = m.weight
+        if m.base_layer.bias is not None and m.bias is not None:
+            m.base_layer.bias = m.bias
+    return model
+
+
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout")
+
+
+def _lost_peer(rt: "Runtime", e: BaseException) -> Optional[RuntimeError]:
+    """The error to raise instead of `e` when `e` is a failed collective of a multi-process run (another
+    process died, was killed or hangs past the timeout); None for any other error."""
+    if not rt.distributed:
+        return None
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if not (isinstance(e, dist_error) or (isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _LOST_PEER))):
+        return None
+    return RuntimeError(
+        f"training stopped on rank {rt.rank} of {rt.world_size}: a collective operation failed, most likely "
+        f"because another process of the launch died or was killed ({type(e).__name__}: {e})"
+    )
+
+
+@contextlib.contextmanager
+def _lost_peers_named(rt: "Runtime"):
+    try:
+        yield
+    except Exception as e:
+        lost = _lost_peer(rt, e)
+        if lost is None:
+            raise
+        raise lost from e
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -490,6 +614,7 @@ def train(
     loss_fn: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, float]]]] = None,
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 0,
+    fsdp: bool = False,
 ) -> Dict[str, object]:
     """Train `params` of `model` on `examples` and return {"history": [...], "steps", "seconds", ...}.
 
@@ -517,6 +642,12 @@ def train(
     uninterrupted run ends (bit for bit on CPU); a checkpoint of another run raises CheckpointMismatchError
     (it is never overwritten), an unreadable one CheckpointError. A finished run's checkpoint gives back its
     parameters and history without training again.
+    fsdp: under a multi-process launch, shard the frozen base per decoder layer with FSDP2 while training
+    (`fsdp_shard`; A and v stay plain and are all-reduced as without it) and give the plain model back at the
+    end (`fsdp_unshard`). Every rank then runs the same forward / backward passes (a rank without examples in
+    the last step runs one with weight 0). Needs WORLD_SIZE > 1.
+    With several processes, a failed collective (another process died or was killed) raises a RuntimeError
+    that says so; the checkpoint folder keeps its last complete checkpoint.
     The model is in train() mode while training and in eval() mode afterwards, even on error.
     """
     examples = list(examples)
@@ -533,7 +664,12 @@ def train(
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     if ckpt_dir is not None and ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ValueError(f"checkpoint_dir {ckpt_dir} exists and is not a folder")
+    if not isinstance(fsdp, bool):
+        raise ValueError(f"fsdp must be True or False, got {fsdp!r}")
     rt = runtime(model)
+    if fsdp and not rt.distributed:
+        raise ValueError("fsdp=True shards the model over the processes of a launch (torchrun / accelerate "
+                         "launch with 2 or more processes); this process runs alone (WORLD_SIZE is not > 1)")
     if rt.distributed and _model_device(model) != rt.device:
         model.to(rt.device)
     device = rt.device
@@ -576,19 +712,28 @@ def train(
     start_time = time.perf_counter()
     ref_chosen = ref_rejected = None
     if kind == "dpo":
-        with autocast():
+        with autocast(), _lost_peers_named(rt):
             ref_chosen, ref_rejected = reference_logprobs(
                 model, tokenizer, examples, max_length=max_length,
                 max_tokens=default_reference_tokens(tokenizer, examples, batch_size, max_length),
             )
 
+    if fsdp:  # after the reference pass, which runs on each rank's whole model (no collectives)
+        fsdp_shard(model, params)
+
     def micro_batches(idx: List[int]):
-        """This rank's non-empty parts of the global batch `idx`, each (indices, batch, weight)."""
+        """This rank's non-empty parts of the global batch `idx`, each (indices, batch, weight). Under FSDP every
+        rank runs as many passes as rank 0 (forward and backward are collectives there): a rank short of
+        examples gets stand-ins (the batch's first example) with weight 0."""
         out = []
+        passes = min(grad_accum, math.ceil(len(idx) / batch_size))  # rank 0's
         for j in range(rt.rank * grad_accum, (rt.rank + 1) * grad_accum):
             part = idx[j * batch_size : (j + 1) * batch_size]
+            stand_in = False
             if not part:
-                continue
+                if not (fsdp and j - rt.rank * grad_accum < passes):
+                    continue
+                part, stand_in = idx[:1], True
             chunk = [examples[i] for i in part]
             if kind == "sft":
                 cpu_batch = collate_sft(tokenizer, chunk, max_length=max_length)  # counted here: no device sync
@@ -597,7 +742,7 @@ def train(
             else:
                 batch = _move(stack_pairs(collate_preference(tokenizer, chunk, max_length=max_length), pad_id), device)
                 weight = len(part)
-            out.append((part, batch, weight))
+            out.append((part, batch, 0 if stand_in else weight))
         return out
 
     history: List[Dict[str, float]] = []
@@ -729,10 +874,19 @@ def train(
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             order = None
+    except Exception as e:
+        lost = _lost_peer(rt, e)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         if bar is not None:
             bar.close()
         optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    if fsdp:
+        with _lost_peers_named(rt):
+            fsdp_unshard(model)
         model.eval()
 
     epoch_loss = [

@@ -7,9 +7,11 @@ Run as a script (`python tests/test_distributed.py worker OUT`), this file is th
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ if str(HERE) not in sys.path:
 
 import lofit_fast  # noqa: E402
 from lofit_fast.data import PreferenceExample, SFTExample  # noqa: E402
-from lofit_fast.train import train  # noqa: E402
+from lofit_fast.train import read_checkpoint, train  # noqa: E402
 from fixtures import legacy_loops  # noqa: E402
 from fixtures.tiny import byte_tokenizer, tiny_llama  # noqa: E402
 
@@ -165,6 +167,8 @@ def test_train_rejects_bad_new_arguments():
     with pytest.raises(ValueError, match="loss_fn"):
         train(model, tok, PAIRS, kind="dpo", params=params, lr=1e-2, epochs=1, batch_size=2, progress=False,
               loss_fn=lambda m, b: (torch.zeros(()), {}))
+    with pytest.raises(ValueError, match="fsdp=True shards the model over the processes of a launch"):
+        train(model, tok, SFT, params=params, lr=1e-2, epochs=1, batch_size=2, fsdp=True, progress=False)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -185,18 +189,50 @@ WORKER_KW = dict(lr=3e-2, epochs=2, l1=1e-3, max_grad_norm=1.0, seed=4)
 
 
 def _worker(out_path: str) -> None:
-    """One rank: same model, same data and seed; per-process batch 2 (global 2 × 2 ranks = 4)."""
+    """One rank: same model, same data and seed; per-process batch 2 (global 2 × 2 ranks = 4); A and v
+    all-reduced over a replicated base, then the same with the base sharded by FSDP2 (and a checkpoint folder,
+    written by rank 0)."""
     torch.set_num_threads(1)
     results = {}
-    for kind, data in (("sft", SFT), ("dpo", PAIRS)):
-        model = _model()
-        params = lofit_fast.trainable_parameters(model)
-        torch.manual_seed(100 + int(os.environ["RANK"]))  # rank-dependent global RNG must not matter
-        out = train(model, byte_tokenizer(), data, kind=kind, params=params, batch_size=2, progress=False,
-                    **WORKER_KW)
-        results[kind] = {"history": out["history"], "processes": out["processes"],
-                         "values": [v.tolist() for v in _values(model)]}
+    for mode in ("replicated", "fsdp"):
+        for kind, data in (("sft", SFT), ("dpo", PAIRS)):
+            model = _model()
+            params = lofit_fast.trainable_parameters(model)
+            torch.manual_seed(100 + int(os.environ["RANK"]))  # rank-dependent global RNG must not matter
+            extra = {}
+            if mode == "fsdp":
+                extra = dict(fsdp=True, checkpoint_dir=str(Path(out_path).parent / f"ckpt-{kind}"),
+                             checkpoint_every=2)
+            out = train(model, byte_tokenizer(), data, kind=kind, params=params, batch_size=2, progress=False,
+                        **WORKER_KW, **extra)
+            row = {"history": out["history"], "processes": out["processes"],
+                   "values": [v.tolist() for v in _values(model)]}
+            if mode == "fsdp":  # the plain model is back: own classes, full tensors, the base untouched
+                fresh = _model().state_dict()
+                row["plain"] = (type(model).__name__ == "LlamaForCausalLM"
+                                and all(type(t) is torch.Tensor for t in model.state_dict().values())
+                                and all(torch.equal(t, fresh[k]) for k, t in model.state_dict().items()
+                                        if not k.endswith((".A", ".v"))))
+                lofit_fast.unpatch(model)
+                row["unpatched_is_base"] = all(torch.equal(t, fresh[k]) for k, t in model.state_dict().items())
+                # again with the finished checkpoint: rank 0 reads it and sends it over; nothing is trained
+                model = _model()
+                again = train(model, byte_tokenizer(), data, kind=kind, params=lofit_fast.trainable_parameters(model),
+                              batch_size=2, progress=False, **WORKER_KW, **extra)
+                row["again"] = {"resumed_from_step": again["resumed_from_step"], "history": again["history"],
+                                "values": [v.tolist() for v in _values(model)]}
+            results.setdefault(mode, {})[kind] = row
     Path(out_path).write_text(json.dumps(results))
+
+
+def _kill_worker(directory: str) -> None:
+    """A rank of an FSDP run that checkpoints every step, each step slowed down, to be killed mid-run."""
+    torch.set_num_threads(1)
+    model = _model()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.1))
+    params = lofit_fast.trainable_parameters(model)
+    train(model, byte_tokenizer(), SFT, kind="sft", params=params, batch_size=2, progress=False, fsdp=True,
+          checkpoint_dir=directory, checkpoint_every=1, **WORKER_KW)
 
 
 def _pythonpath() -> str:
@@ -210,16 +246,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_over_gloo_match_one_process(tmp_path):
+def _launch(args, **env_extra):
+    """Two ranks of this file as a script over gloo on this machine."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TQDM_DISABLE="1",
-                   PYTHONPATH=_pythonpath())
+                   PYTHONPATH=_pythonpath(), **env_extra)
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(tmp_path / f"rank{rank}.json")],
+        procs.append(subprocess.Popen([sys.executable, __file__] + [a.format(rank=rank) for a in args],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def test_two_processes_over_gloo_match_one_process(tmp_path):
+    """Both with the base replicated (A and v all-reduced) and with it sharded by FSDP2 (A and v kept out of
+    FSDP, all-reduced the same way): the same losses and A, v as one process on the global batch, within
+    1e-5 (the ranks' partial sums are added in another order); FSDP2 gathers the very same base weights, so
+    it is held to the same tolerance. The last global batch (2 of 4) leaves rank 1 without examples: under
+    FSDP2 it runs a weight-0 stand-in pass so that the collectives match."""
+    procs = _launch(["worker", str(tmp_path / "rank{rank}.json")])
     logs = []
     for p in procs:
         try:
@@ -231,16 +278,66 @@ def test_two_processes_over_gloo_match_one_process(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for kind, data in (("sft", SFT), ("dpo", PAIRS)):
-        assert ranks[0][kind]["processes"] == 2
-        assert ranks[0][kind]["values"] == ranks[1][kind]["values"], "ranks ended with different A / v"
         one, one_values = _run(train, kind=kind, data=data, batch_size=4, **WORKER_KW)
-        two = ranks[0][kind]
-        assert len(two["history"]) == len(one["history"]) == 6  # ceil(10 / 4) × 2 epochs, last batch uneven
-        for a, b in zip(one["history"], two["history"]):
-            for key in ("loss", "task_loss", "l1", "lr") + (("rewards/margins",) if kind == "dpo" else ()):
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (kind, key, a, b)
-        for a, b in zip(one_values, two["values"]):
-            assert torch.allclose(a, torch.tensor(b), rtol=1e-5, atol=1e-7), (kind, (a - torch.tensor(b)).abs().max())
+        for mode in ("replicated", "fsdp"):
+            assert ranks[0][mode][kind]["processes"] == 2
+            assert ranks[0][mode][kind]["values"] == ranks[1][mode][kind]["values"], "ranks ended with other A / v"
+            two = ranks[0][mode][kind]
+            assert len(two["history"]) == len(one["history"]) == 6  # ceil(10 / 4) × 2 epochs, last batch uneven
+            for a, b in zip(one["history"], two["history"]):
+                for key in ("loss", "task_loss", "l1", "lr") + (("rewards/margins",) if kind == "dpo" else ()):
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (mode, kind, key, a, b)
+            for a, b in zip(one_values, two["values"]):
+                assert torch.allclose(a, torch.tensor(b), rtol=1e-5, atol=1e-7), (mode, kind,
+                                                                                  (a - torch.tensor(b)).abs().max())
+        for r in range(2):
+            fsdp = ranks[r]["fsdp"][kind]
+            assert fsdp["plain"] and fsdp["unpatched_is_base"], (r, kind)
+            assert fsdp["again"]["resumed_from_step"] == 6
+            assert fsdp["again"]["history"] == fsdp["history"] and fsdp["again"]["values"] == fsdp["values"]
+        # the FSDP runs' checkpoints: rank 0's files only, complete, with both ranks' RNG states
+        folder = tmp_path / f"ckpt-{kind}"
+        found = read_checkpoint(folder)
+        assert found["meta"]["finished"] and found["meta"]["step"] == 6 and len(found["meta"]["rng"]) == 2
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["checkpoint.json", found["meta"]["tensors"]])
+        assert found["meta"]["history"] == ranks[0]["fsdp"][kind]["history"]
+
+
+def test_killing_one_rank_ends_the_run_with_a_clear_error_and_no_half_written_file(tmp_path):
+    """SIGKILL rank 1 of a 2-process FSDP2 run once a checkpoint is on disk: rank 0 stops within a bounded
+    time (its next collective fails; LOFIT_FAST_DIST_TIMEOUT=20 bounds a hang) with an error that says what
+    happened, and the checkpoint folder holds one complete checkpoint and nothing else."""
+    folder = tmp_path / "ckpt"
+    procs = _launch(["kill-worker", str(folder)], LOFIT_FAST_DIST_TIMEOUT="20")
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                if json.loads((folder / "checkpoint.json").read_text())["step"] >= 1:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            if any(p.poll() is not None for p in procs):
+                pytest.fail("a rank ended before the kill:\n" + "\n".join(p.stdout.read()[-2000:] for p in procs))
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint appeared within 120 s")
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        log = procs[0].communicate(timeout=60)[0]
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode not in (0, None), log[-3000:]
+    assert "training stopped on rank 0 of 2: a collective operation failed" in log, log[-3000:]
+    assert waited < 60  # measured: about 3 s (gloo sees the connection reset)
+    found = read_checkpoint(folder)
+    assert 1 <= found["meta"]["step"] < 6 and not found["meta"]["finished"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["checkpoint.json", found["meta"]["tensors"]])
 
 
 @pytest.mark.slow  # about 45 s on 2 busy cores: two interpreters load torch + transformers, then a full run
@@ -287,3 +384,5 @@ def test_cli_run_under_torchrun_writes_rank0_files_and_matches_one_process(tmp_p
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     _worker(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "kill-worker":
+    _kill_worker(sys.argv[2])
