@@ -22,7 +22,8 @@ import torch
 
 from . import dispatch
 from ._cache import DerivedCache, build_detached, cacheable
-from .cpp_backend import call_backward, call_forward, native_ops
+from .cpp_backend import call_backward, call_backward_rows, call_forward, call_forward_rows, native_ops
+from .torch_backend import offset_rows
 
 # The decode GEMV's row limit (csrc/cuda/head_affine_kernels.cuh kDecodeMaxRows): no W_S is needed up to it.
 DECODE_MAX_ROWS = 16
@@ -37,6 +38,7 @@ class CudaBackend:
         self.slots = DerivedCache("slots")  # (heads,), H -> int32 [H]
         self.weight_sel = DerivedCache("weight_sel")  # (weight, heads), d -> [D_out, K*d]
         self.bias_fold = DerivedCache("bias_fold")  # (weight, bias, heads, v), d -> (x dtype, float32) [D_out]
+        self.offset_rows = DerivedCache("offset_rows")  # (weight, heads, v tables), d -> float32 [n_adapters, D_out]
 
     def unavailable_reason(self) -> str:
         from lofit_fast import _C
@@ -55,7 +57,7 @@ class CudaBackend:
         return dispatch.gpu_priority(self.name, x, weight, K)
 
     def clear_caches(self) -> None:
-        for c in (self.slots, self.weight_sel, self.bias_fold):
+        for c in (self.slots, self.weight_sel, self.bias_fold, self.offset_rows):
             c.clear()
 
     # -- prepared operands ------------------------------------------------------------------------------------
@@ -103,6 +105,28 @@ class CudaBackend:
         if need_dA and not need_dx and 0 < K < H and dy.shape[0] > 0 and cacheable((weight, heads), (dy, x_sel, A)):
             weight_sel = self._weight_sel(weight, heads, head_dim)
         return call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv, weight_sel)
+
+    # -- per-row tables (lofit_fast/ops/rows.py; csrc/cuda/head_affine_rows.cu) ---------------------------------
+
+    def _rows_prepared(self, weight, heads, v, head_dim):
+        """(W_S, offset rows v W_Sᵀ float32 [n_adapters, D_out]) once per parameter version, or Nones (tracing)."""
+        if not cacheable((weight, heads, v)):
+            return None, None
+        w_sel = self._weight_sel(weight, heads, head_dim)
+        off = None
+        if v is not None:
+            off = self.offset_rows.get((weight, heads, v), head_dim,
+                                       lambda: build_detached(lambda: offset_rows(w_sel, v).contiguous()))
+        return w_sel, off
+
+    def forward_rows(self, x, weight, bias, heads, A, v, row_ids, head_dim):
+        w_sel, off = self._rows_prepared(weight, heads, v, head_dim)
+        return call_forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim, w_sel, off)
+
+    def backward_rows(self, dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv):
+        w_sel, _ = self._rows_prepared(weight, heads, None, head_dim)
+        return call_backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA,
+                                  need_dv, w_sel)
 
 
 BACKEND = CudaBackend()
