@@ -199,15 +199,27 @@ def _worker(out_path: str) -> None:
             model = _model()
             params = lofit_fast.trainable_parameters(model)
             torch.manual_seed(100 + int(os.environ["RANK"]))  # rank-dependent global RNG must not matter
-            extra = {}
+            extra, seen = {}, []
             if mode == "fsdp":
                 extra = dict(fsdp=True, checkpoint_dir=str(Path(out_path).parent / f"ckpt-{kind}"),
                              checkpoint_every=2)
+                layer = model.model.layers[0]
+
+                def look(module, args):  # inside training: what a decoder layer holds between its passes
+                    if not module.training:  # the DPO reference pass, before the sharding
+                        return
+                    w, o_proj = layer.mlp.gate_proj.weight, layer.self_attn.o_proj
+                    seen.append([type(w).__name__, list(w.to_local().shape), list(w.shape),
+                                 o_proj.base_layer.weight is o_proj.weight, type(o_proj.A).__name__])
+
+                hook = model.register_forward_pre_hook(look)
             out = train(model, byte_tokenizer(), data, kind=kind, params=params, batch_size=2, progress=False,
                         **WORKER_KW, **extra)
             row = {"history": out["history"], "processes": out["processes"],
                    "values": [v.tolist() for v in _values(model)]}
             if mode == "fsdp":  # the plain model is back: own classes, full tensors, the base untouched
+                hook.remove()
+                row["seen"] = seen
                 fresh = _model().state_dict()
                 row["plain"] = (type(model).__name__ == "LlamaForCausalLM"
                                 and all(type(t) is torch.Tensor for t in model.state_dict().values())
@@ -293,6 +305,9 @@ def test_two_processes_over_gloo_match_one_process(tmp_path):
         for r in range(2):
             fsdp = ranks[r]["fsdp"][kind]
             assert fsdp["plain"] and fsdp["unpatched_is_base"], (r, kind)
+            # while training, each rank held half of every base weight (gate_proj: [64, 32] → [32, 32]), the
+            # Linear kept for unpatch held the shard, not a full copy, and A / v were plain tensors
+            assert fsdp["seen"] and all(s == ["DTensor", [32, 32], [64, 32], True, "Parameter"] for s in fsdp["seen"])
             assert fsdp["again"]["resumed_from_step"] == 6
             assert fsdp["again"]["history"] == fsdp["history"] and fsdp["again"]["values"] == fsdp["values"]
         # the FSDP runs' checkpoints: rank 0's files only, complete, with both ranks' RNG states
