@@ -23,6 +23,12 @@ instead of wrapping the model in DDP: the frozen base never enters a gradient bu
 a progress bar. Mixed precision (`mixed_precision="bf16" | "fp16"`) runs forward and loss under
 `torch.autocast` (fp16 with a gradient scaler); A and v stay float32. With one process, `grad_accum=1` and
 float32 the loop is the one it always was (same batches, losses and parameters; tests/test_distributed.py).
+
+FSDP2 (`fsdp=True`): the frozen base is sharded per decoder layer with `fully_shard` for the loop (A and v stay
+out of FSDP, in `ignored_params`, and are all-reduced as above), and the plain model is given back at the end.
+Checkpoints (`checkpoint_dir`, `checkpoint_every`): rank 0 writes the whole training state atomically
+(safetensors + a JSON manifest written last); `train` resumes from a matching checkpoint and ends exactly where
+the uninterrupted run ends (tests/test_checkpoint.py kills it with SIGKILL).
 """
 from __future__ import annotations
 
