@@ -590,7 +590,8 @@ def _write_checkpoint(directory: Path, meta: Dict[str, object], tensors: Dict[st
     if _between_checkpoint_writes is not None:
         _between_checkpoint_writes(step)
     meta = {**meta, "tensors": name, "tensors_sha256": hashlib.sha256(data).hexdigest()}
-    atomic_write(directory / CHECKPOINT_MANIFEST, json.dumps(meta, indent=1, allow_nan=False))
+    # NaN allowed: a custom loss_fn metric may be NaN (Python reads it back; the loss itself is always finite)
+    atomic_write(directory / CHECKPOINT_MANIFEST, json.dumps(meta, indent=1))
     _fsync_dir(directory)
     _remove_leftovers(directory, keep=name)
 
