@@ -374,7 +374,7 @@ def test_cli_run_under_torchrun_writes_rank0_files_and_matches_one_process(tmp_p
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch), TQDM_DISABLE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch), TQDM_DISABLE="1", PYTHONPATH=_pythonpath())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "lofit_fast.cli"] + common + ["--batch-size", "2", "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
