@@ -273,6 +273,7 @@ def test_arguments_are_checked_before_the_model_loads(model_dir, tmp_path, capsy
     cases = [
         (["run", "--backend", "bogus", "--task", "clutrr", "--data", FIXTURES, "--out", out], "--backend bogus"),
         (["run", "--k", "1000", "--task", "clutrr", "--data", FIXTURES, "--out", out], "the model has only 8 heads"),
+        (["run", "--fsdp", "--task", "clutrr", "--data", FIXTURES, "--out", out], "--fsdp shards the base"),
         (["tune", "--task", "clutrr", "--data", FIXTURES, "--selection", tmp_path / "none.json", "--out", out],
          "selection file not found"),
         (["export", "--adapter", tmp_path / "nothing", "--out", out], "not an adapter folder"),
@@ -399,3 +400,10 @@ def test_seeds_argument_is_checked():
     for bad in ("1,1", "a,b", ""):
         with pytest.raises(Exception, match="seeds must"):
             seeds_arg(bad)
+
+
+def test_fsdp_reaches_the_training_loop():
+    from lofit_fast.experiments import RunSettings, train_kw
+
+    assert train_kw(RunSettings(fsdp=True))["fsdp"] is True
+    assert "fsdp" not in train_kw(RunSettings())

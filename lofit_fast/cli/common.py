@@ -12,7 +12,7 @@ from ..adapter.export import check_export_target
 from ..adapter.schema import CONFIG_NAME
 from ..data import TASKS
 from ..experiments import CLUTRR_TRAIN_SIZE, DEFAULT_LR, DEFAULT_SEED, load_model_for, task_items
-from ..experiments.settings import DTYPES
+from ..experiments.settings import DTYPES, launch
 from ..methods.lofit import select_defaults
 from ..models import resolve_model_path
 from ..ops import check_backend_name
@@ -156,6 +156,9 @@ def add_training_arguments(p: argparse.ArgumentParser, *, select: bool = True, t
                         "result as an N-times larger batch (default 1)")
     g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="train under torch.autocast in bf16 or fp16; A and v stay float32 (default no)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard the frozen base per decoder layer with FSDP2 "
+                        "while training (A and v all-reduced as without it)")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -270,6 +273,12 @@ def check_args(args) -> None:
             check_backend_name(backend)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"--backend {backend}: {exc}") from None
+    if getattr(args, "fsdp", False):
+        if launch()[1] < 2:
+            raise UserError("--fsdp shards the base over the processes of a launch: run it under "
+                            "`torchrun --nproc-per-node N -m lofit_fast.cli ...` or `accelerate launch`")
+        if getattr(args, "quantize", None):
+            raise UserError(f"--fsdp cannot shard a quantized base (--quantize {args.quantize})")
     k = getattr(args, "k", None)
     if k and args.command in ("run", "demo", "select", "tune") and getattr(args, "model", None):
         total = head_count(args.model)

@@ -74,6 +74,7 @@ def train_kw(settings) -> dict:
         backend=settings.backend, beta=settings.beta, max_grad_norm=settings.max_grad_norm or None,
         max_length=settings.max_length, progress=not settings.quiet, grad_accum=getattr(settings, "grad_accum", 1),
         mixed_precision=getattr(settings, "mixed_precision", "no"),
+        **({"fsdp": True} if getattr(settings, "fsdp", False) else {}),
     )
 
 
