@@ -91,6 +91,7 @@ def variants(dtypes=("bf16", "fp16")) -> List[Variant]:
     from lofit_fast.kernels import _common as common
     from lofit_fast.kernels import backward as bwd
     from lofit_fast.kernels import forward as fwd
+    from lofit_fast.kernels import rows as rws
 
     out: List[Variant] = []
     for dt in dtypes:
@@ -109,6 +110,33 @@ def variants(dtypes=("bf16", "fp16")) -> List[Variant]:
                             "stride_wn": "i32:16", "stride_wk": ("const", 1), "stride_ym": "i32:16",
                             "HEAD_DIM": ("const", HEAD_DIM), "HAS_BIAS": ("const", has_bias),
                             "THIN": ("const", thin), "THIN_BK": ("const", fwd.thin_block(HEAD_DIM, cfg["BLOCK_K"])),
+                            "EVEN_K": ("const", C % cfg["BLOCK_K"] == 0), "DOT_FP32": ("const", False),
+                            "IEEE": ("const", False),
+                        }
+                        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+                        if kind == "fwd":
+                            a_tile, b_tile, a_name, b_name = (bm, bk), (bk, bn), "x", "w"
+                        else:
+                            a_tile, b_tile, a_name, b_name = (bn, bk), (bk, bm), "w", "x"
+                        out.append(Variant(kernel.__name__ if hasattr(kernel, "__name__") else kind,
+                                           f"{dt} {kind}/{regime}#{ci} {label}", cfg, True, kernel, args,
+                                           a_tile, b_tile, a_name, b_name))
+        # Many adapters in one batch (kernels/rows.py): the same tiles, each row's slot read from the row-id table.
+        for kind, kernel, rows in (("fwd", rws._rows_fwd_kernel, {"mid": 200, "large": 4096}),
+                                   ("decode", rws._rows_decode_kernel, {"16": 8, "32": 24})):
+            for regime, cands in rws.ROWS_GPU_CONFIGS[kind].items():
+                for ci, cfg in enumerate(cands):
+                    for label, has_a, has_off in (("rows: A + offset", True, True), ("rows: offset", False, True),
+                                                  ("rows: A", True, False)):
+                        n = rows[regime]
+                        args = {
+                            "x_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "heads_ptr": "*i64", "t_ptr": p,
+                            "off_ptr": "*fp32", "rid_ptr": "*i64", "N": "i32" if n % 16 else "i32:16",
+                            "C": "i32:16", "D_OUT": "i32:16", "KD": "i32:16", "stride_xm": "i32:16",
+                            "stride_xk": ("const", 1), "stride_wn": "i32:16", "stride_wk": ("const", 1),
+                            "stride_ym": "i32:16", "HEAD_DIM": ("const", HEAD_DIM), "HAS_BIAS": ("const", False),
+                            "HAS_A": ("const", has_a), "HAS_OFF": ("const", has_off),
+                            "THIN_BK": ("const", fwd.thin_block(HEAD_DIM, cfg["BLOCK_K"])),
                             "EVEN_K": ("const", C % cfg["BLOCK_K"] == 0), "DOT_FP32": ("const", False),
                             "IEEE": ("const", False),
                         }
@@ -161,6 +189,23 @@ def variants(dtypes=("bf16", "fp16")) -> List[Variant]:
                                "w_ptr": p, "out_ptr": p, "slot_ptr": "*i32", "a_ptr": "*fp32", "D_OUT": "i32:16",
                                "C": "i32:16", "stride_wn": "i32:16", "stride_wk": ("const", 1),
                                "HEAD_DIM": ("const", HEAD_DIM), "BLOCK_O": ("const", 32), "BLOCK_C": ("const", 128)}))
+        out.append(Variant("_offset_rows_kernel", f"{dt} offset rows v W_S^T per adapter",
+                           {"num_warps": 4, "num_stages": 1}, False, rws._offset_rows_kernel, {
+                               "w_ptr": p, "heads_ptr": "*i64", "v_ptr": "*fp32", "out_ptr": "*fp32",
+                               "D_OUT": "i32:16", "KD": "i32:16", "stride_wn": "i32:16", "stride_wk": ("const", 1),
+                               "HEAD_DIM": ("const", HEAD_DIM), "BLOCK_O": ("const", 32), "BLOCK_J": ("const", 128)}))
+        out.append(Variant("_rows_scale_kernel", f"{dt} per-row x_S * A[rid]", {"num_warps": 4, "num_stages": 1},
+                           False, rws._rows_scale_kernel, {
+                               "x_ptr": p, "heads_ptr": "*i64", "a_ptr": "*fp32", "rid_ptr": "*i64", "t_ptr": p,
+                               "N": "i32", "KD": "i32:16", "stride_xm": "i32:16", "stride_xk": ("const", 1),
+                               "HEAD_DIM": ("const", HEAD_DIM), "BLOCK_R": ("const", 16), "BLOCK_J": ("const", 128)}))
+        out.append(Variant("_rows_grad_kernel", f"{dt} per-row dx scale, g_S and g_S*x_S",
+                           {"num_warps": 4, "num_stages": 1}, False, rws._rows_grad_kernel, {
+                               "g_ptr": p, "xs_ptr": p, "a_ptr": "*fp32", "rid_ptr": "*i64", "heads_ptr": "*i64",
+                               "gs_ptr": "*fp32", "gx_ptr": "*fp32", "N": "i32", "KD": "i32:16",
+                               "stride_gm": "i32:16", "stride_xm": "i32:16", "HEAD_DIM": ("const", HEAD_DIM),
+                               "SCALE": ("const", True), "WANT_GS": ("const", True), "WANT_GX": ("const", True),
+                               "BLOCK_R": ("const", 16), "BLOCK_J": ("const", 64)}))
     del k
     return out
 

@@ -4,10 +4,11 @@ The same GEMM as forward.py's, whose epilogue reads each row's slot in the table
 `rid` (int32 or int64 [N], -1 = no adapter):
 
 - the main loop is the plain, pipelined x · Wᵀ;
-- A: a thin loop over the K·d selected columns that scales each loaded x_S tile by its rows' A[rid] (a gathered
-  [rows, K·d] tile, float32) and multiplies with W_S (W's own columns: no per-adapter copy of W);
+- A: t = x_S ⊙ A[rid] [N, K·d] (`rows_scaled_columns`, one elementwise pass that reads each row's slot), then a
+  thin loop over the K·d selected columns, t against W_S (W's own columns: no per-adapter copy of W). Neither
+  loop changes a loaded tile, so both stay pipelined (sm_90: >= 2 shared-memory buffers per operand);
 - the offset: `off = v W_Sᵀ` [n_adapters, D_out] float32, built once per parameter version (`offset_rows`), and
-  gathered per row in the epilogue with the bias.
+  gathered per row as the accumulator's initial value (no second register tile in the epilogue).
 
 Few rows (decode) run the transposed variant (yᵀ = W x′ᵀ, W's rows on wgmma's 64-row side), as forward.py does.
 The backward: g = dy W through backward.py's kernel, then `_rows_grad_kernel` scales each row's selected columns
@@ -21,13 +22,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DECODE_MAX_ROWS, INTERPRETED, grouped_tile, kernel_args, on_device, pick_config
+from ._common import (DECODE_MAX_ROWS, GPU_CONFIGS, INTERPRETED, INTERPRETER_CONFIG, gemm_config, grouped_tile,
+                      kernel_args, on_device, regime)
 from .forward import _dot, _thin_columns, thin_block
+
+
+# The rule's tiles are forward.py's (the first candidate of each regime); the large-regime alternative 128 x 256
+# would spill on sm_90 with the per-row offset tile (bench/sm90_report.py), so the rows kernels' alternative there
+# is 128 x 64.
+ROWS_GPU_CONFIGS = {
+    "fwd": {"mid": GPU_CONFIGS["fwd"]["mid"],
+            "large": [GPU_CONFIGS["fwd"]["large"][0], gemm_config(128, 64, 64, 4, 4)]},
+    "decode": GPU_CONFIGS["decode"],
+}
+
+
+def pick_rows_config(kind: str, n_rows: int) -> dict:
+    """The deterministic tile rule of the per-row kernels (forward.py's rule, see ROWS_GPU_CONFIGS)."""
+    if INTERPRETED:
+        return dict(INTERPRETER_CONFIG)
+    return dict(ROWS_GPU_CONFIGS[kind][regime(kind, n_rows)][0])
 
 
 @triton.jit
 def _rows_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, heads_ptr, a_ptr, off_ptr, rid_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, heads_ptr, t_ptr, off_ptr, rid_ptr,
     N, C, D_OUT, KD,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_A: tl.constexpr, HAS_OFF: tl.constexpr,
@@ -40,11 +59,17 @@ def _rows_fwd_kernel(
     rk = tl.arange(0, BLOCK_K)
     row_ok = rm < N
     col_ok = rn < D_OUT
+    # The accumulator starts as each row's offset row (no second tile of registers in the epilogue).
+    if HAS_OFF:
+        rid = tl.load(rid_ptr + rm, mask=row_ok, other=-1).to(tl.int64)
+        acc = tl.load(off_ptr + rid[:, None] * D_OUT + rn[None, :],
+                      mask=(row_ok & (rid >= 0))[:, None] & col_ok[None, :], other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
     x_ptrs = x_rows + rk[None, :] * stride_xk
     w_ptrs = w_cols + rk[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
@@ -56,21 +81,14 @@ def _rows_fwd_kernel(
         acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    rid = tl.load(rid_ptr + rm, mask=row_ok, other=-1).to(tl.int64)
-    has_row = row_ok & (rid >= 0)
-    if HAS_A:
+    if HAS_A:  # t = x_S ⊙ A[rid] [N, K·d] (rows_scaled_columns), against W's own selected columns
         rt = tl.arange(0, THIN_BK)
-        a_rows = a_ptr + rid[:, None] * KD
+        t_rows = t_ptr + rm.to(tl.int64)[:, None] * KD
         for j0 in range(0, KD, THIN_BK):
             cols, j_ok = _thin_columns(heads_ptr, j0, KD, rt, HEAD_DIM, THIN_BK)
-            m = has_row[:, None] & j_ok[None, :]
-            xt = tl.load(x_rows + cols[None, :] * stride_xk, mask=m, other=0.0)
-            at = tl.load(a_rows + (j0 + rt)[None, :], mask=m, other=0.0).to(tl.float32)
-            xt = (xt.to(tl.float32) * at).to(x_ptr.dtype.element_ty)
+            xt = tl.load(t_rows + (j0 + rt)[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             wt = tl.load(w_cols + cols[:, None] * stride_wk, mask=j_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
-    if HAS_OFF:
-        acc += tl.load(off_ptr + rid[:, None] * D_OUT + rn[None, :], mask=has_row[:, None] & col_ok[None, :], other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
@@ -79,7 +97,7 @@ def _rows_fwd_kernel(
 
 @triton.jit
 def _rows_decode_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, heads_ptr, a_ptr, off_ptr, rid_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, heads_ptr, t_ptr, off_ptr, rid_ptr,
     N, C, D_OUT, KD,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_A: tl.constexpr, HAS_OFF: tl.constexpr,
@@ -92,11 +110,16 @@ def _rows_decode_kernel(
     rk = tl.arange(0, BLOCK_K)
     row_ok = rm < N
     col_ok = rn < D_OUT
+    if HAS_OFF:
+        rid = tl.load(rid_ptr + rm, mask=row_ok, other=-1).to(tl.int64)
+        acc = tl.load(off_ptr + rid[None, :] * D_OUT + rn[:, None],
+                      mask=col_ok[:, None] & (row_ok & (rid >= 0))[None, :], other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm
     w_ptrs = w_rows + rk[None, :] * stride_wk
     x_ptrs = x_cols + rk[:, None] * stride_xk
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         if EVEN_K:
             wt = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
@@ -108,25 +131,55 @@ def _rows_decode_kernel(
         acc = _dot(wt, xt, acc, DOT_FP32, IEEE)
         w_ptrs += BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
-    rid = tl.load(rid_ptr + rm, mask=row_ok, other=-1).to(tl.int64)
-    has_row = row_ok & (rid >= 0)
     if HAS_A:
         rt = tl.arange(0, THIN_BK)
-        a_cols = a_ptr + rid[None, :] * KD
+        t_cols = t_ptr + rm.to(tl.int64)[None, :] * KD
         for j0 in range(0, KD, THIN_BK):
             cols, j_ok = _thin_columns(heads_ptr, j0, KD, rt, HEAD_DIM, THIN_BK)
-            m = j_ok[:, None] & has_row[None, :]
-            xt = tl.load(x_cols + cols[:, None] * stride_xk, mask=m, other=0.0)
-            at = tl.load(a_cols + (j0 + rt)[:, None], mask=m, other=0.0).to(tl.float32)
-            xt = (xt.to(tl.float32) * at).to(x_ptr.dtype.element_ty)
             wt = tl.load(w_rows + cols[None, :] * stride_wk, mask=col_ok[:, None] & j_ok[None, :], other=0.0)
+            xt = tl.load(t_cols + (j0 + rt)[:, None], mask=j_ok[:, None] & row_ok[None, :], other=0.0)
             acc = _dot(wt, xt, acc, DOT_FP32, IEEE)
-    if HAS_OFF:
-        acc += tl.load(off_ptr + rid[None, :] * D_OUT + rn[:, None], mask=col_ok[:, None] & has_row[None, :], other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _rows_scale_kernel(
+    x_ptr, heads_ptr, a_ptr, rid_ptr, t_ptr, N, KD, stride_xm, stride_xk,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """t[n, j] = x[n, col(j)] * A[rid[n], j] in x's dtype (0 for rid[n] = -1): the thin loop's per-row operand."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    r_ok = r < N
+    j_ok = j < KD
+    rid = tl.load(rid_ptr + r, mask=r_ok, other=-1).to(tl.int64)
+    head = tl.load(heads_ptr + j // HEAD_DIM, mask=j_ok, other=0)
+    col = head * HEAD_DIM + j % HEAD_DIM
+    m = r_ok[:, None] & j_ok[None, :]
+    use = m & (rid >= 0)[:, None]
+    xv = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_xm + col[None, :] * stride_xk, mask=use, other=0.0)
+    a = tl.load(a_ptr + rid[:, None] * KD + j[None, :], mask=use, other=0.0).to(tl.float32)
+    tl.store(t_ptr + r.to(tl.int64)[:, None] * KD + j[None, :], (xv.to(tl.float32) * a).to(t_ptr.dtype.element_ty),
+             mask=m)
+
+
+def rows_scaled_columns(x: torch.Tensor, heads: torch.Tensor, A: torch.Tensor, row_ids: torch.Tensor, head_dim: int,
+                        block_r: int = 16, block_j: int = 128) -> torch.Tensor:
+    """t = x_S ⊙ A[rid] [N, K·d] in x's dtype, contiguous (zero rows where rid = -1)."""
+    N = x.shape[0]
+    KD = heads.numel() * head_dim
+    t = torch.empty((N, KD), device=x.device, dtype=x.dtype)
+    if N == 0 or KD == 0:
+        return t
+    with on_device(x):
+        _rows_scale_kernel[(triton.cdiv(N, block_r), triton.cdiv(KD, block_j))](
+            x, heads, A.contiguous(), row_ids.contiguous(), t, N, KD, x.stride(0), x.stride(1),
+            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_J=block_j,
+        )
+    return t
 
 
 @triton.jit
@@ -181,10 +234,10 @@ def rows_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return y
     decode = N <= DECODE_MAX_ROWS
     kernel = _rows_decode_kernel if decode else _rows_fwd_kernel
-    config = config if config is not None else pick_config("decode" if decode else "fwd", N)
+    config = config if config is not None else pick_rows_config("decode" if decode else "fwd", N)
     meta, launch = kernel_args(config)
     dummy = heads
-    A_c = A.contiguous() if A is not None else None
+    t = rows_scaled_columns(x, heads, A, row_ids, head_dim) if A is not None and KD > 0 else None
     flags = dict(
         HEAD_DIM=head_dim, HAS_BIAS=bias is not None, HAS_A=A is not None and KD > 0,
         HAS_OFF=offsets is not None and KD > 0, THIN_BK=thin_block(head_dim, meta["BLOCK_K"]),
@@ -197,7 +250,7 @@ def rows_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     with on_device(x):
         kernel[grid](
             x, weight, bias if bias is not None else dummy, y, heads,
-            A_c if A_c is not None else dummy, offsets if offsets is not None else dummy, row_ids.contiguous(),
+            t if t is not None else dummy, offsets if offsets is not None else dummy, row_ids.contiguous(),
             N, C, D_out, KD,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
             **flags, **meta, **launch,

@@ -39,6 +39,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._files import atomic_write
+from .function import head_affine_linear
+from .registry import available_backends
 
 GPU_BACKENDS = ("cuda", "triton")
 PICKED = 3.0
@@ -185,9 +187,6 @@ def _time_ms(fn, reps: int) -> float:
 
 def measure(dtype: torch.dtype = torch.bfloat16, reps: int = 50) -> Dict:
     """Times every available GPU backend on MEASURE_SHAPES x MEASURE_N x {1, H/4, H} heads; returns the table."""
-    from .function import head_affine_linear
-    from .registry import available_backends
-
     backends = [b for b in GPU_BACKENDS if b in available_backends("cuda")]
     if len(backends) < 2:
         raise RuntimeError(f"need both GPU backends to compare, available here: {backends}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import dispatch
 from ._cache import DerivedCache, build_detached
 from .torch_backend import segment_sum, selected_columns
 
@@ -81,9 +82,7 @@ class TritonBackend:
     def auto_priority(self, x, weight, K) -> float:
         if self.kernels.INTERPRETED:
             return -100.0  # never "auto" on the CPU: the interpreter is for tests
-        from . import dispatch  # on a GPU: the measured per-shape choice between cuda and triton
-
-        return dispatch.gpu_priority(self.name, x, weight, K)
+        return dispatch.gpu_priority(self.name, x, weight, K)  # on a GPU: the measured cuda / triton choice
 
     def _slot(self, heads: torch.Tensor, num_heads: int) -> torch.Tensor:
         return self._cache.get((heads,), ("slot", num_heads),
