@@ -14,6 +14,10 @@ A backend is an object with
         A as in forward or None.  dx [N, H*d] in x's dtype, dA / dv [K, d] float32 (float64 for float64
         inputs), each None unless needed.
     auto_priority(x, weight, K) -> float   (optional; higher wins under "auto", default 0)
+    forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim) -> y
+    backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv)
+        the per-row tables of many adapters in one batch (A / v [n_adapters, K, d], row_ids int64 [N], -1 =
+        none): the contract is in lofit_fast/ops/rows.py. Every backend here has them.
 
 Backends live in their own modules and are imported on first use, so a missing optional dependency
 (triton, a CUDA build of the extension) only removes that backend.
