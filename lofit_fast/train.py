@@ -106,7 +106,7 @@ def token_batches(lengths: Sequence[int], max_tokens: int, rows_per_item: int = 
 @torch.no_grad()
 def reference_logprobs(
     model: nn.Module, tokenizer, examples: Sequence, *, batch_size: int = 8, max_length: Optional[int] = None,
-    max_tokens: Optional[int] = None,
+    max_tokens: Optional[int] = None, add_eos: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (chosen [N], rejected [N], float32 on the model's device) of the preference pairs under the
     model with every intervention off: the DPO reference, without a second copy of the model.
@@ -117,7 +117,7 @@ def reference_logprobs(
     examples = list(examples)
     if not examples:
         raise ValueError("no preference pairs to score")
-    full = collate_preference(tokenizer, examples, max_length=max_length)
+    full = collate_preference(tokenizer, examples, max_length=max_length, add_eos=add_eos)
     lengths = torch.maximum(full["chosen_attention_mask"].sum(1), full["rejected_attention_mask"].sum(1)).tolist()
     if max_tokens is None:
         batches = [list(range(start, min(start + batch_size, len(examples))))
@@ -146,11 +146,12 @@ def reference_logprobs(
     return chosen, rejected
 
 
-def default_reference_tokens(tokenizer, examples: Sequence, batch_size: int, max_length: Optional[int]) -> int:
+def default_reference_tokens(tokenizer, examples: Sequence, batch_size: int, max_length: Optional[int],
+                             add_eos: bool = True) -> int:
     """The token budget `train` gives the DPO reference pass: what a batch of `batch_size` of the longest pairs
     takes (2 × batch_size × the longest pair), so no reference batch is larger than the largest row batch
     would be, and short pairs share bigger batches."""
-    full = collate_preference(tokenizer, list(examples), max_length=max_length)
+    full = collate_preference(tokenizer, list(examples), max_length=max_length, add_eos=add_eos)
     return 2 * batch_size * int(full["chosen_input_ids"].shape[1])
 
 
@@ -622,6 +623,7 @@ def train(
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: int = 0,
     fsdp: bool = False,
+    add_eos: bool = True,
 ) -> Dict[str, object]:
     """Train `params` of `model` on `examples` and return {"history": [...], "steps", "seconds", ...}.
 
@@ -632,6 +634,8 @@ def train(
     max_grad_norm: clip the gradient norm of `params` (the HF Trainer, hence the official scripts, uses 1.0).
     seed: seeds the batch order (a private generator; the global RNG is left alone).
     schedule: "linear" decays the learning rate to zero over all steps (HF's default); "constant" keeps it.
+    add_eos: append the tokenizer's EOS to every completion (SFT targets and both DPO completions), as TRL's
+    trainers, hence the official scripts, do; False scores the completions as MC evaluation sees them.
     batch_size: examples per forward pass (per process); grad_accum: forward passes per optimizer step. One step
     takes batch_size × grad_accum × processes examples and is exactly one step on that global batch.
     mixed_precision: "no" (default), "bf16" or "fp16" (torch.autocast; fp16 adds a gradient scaler).
@@ -711,7 +715,7 @@ def train(
         fingerprint = _fingerprint(model, params, l1_params, examples, dict(
             kind=kind, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, processes=rt.world_size,
             beta=beta, l1=l1, max_grad_norm=max_grad_norm, seed=int(seed), max_length=max_length,
-            schedule=schedule, weight_decay=weight_decay, mixed_precision=mixed_precision,
+            schedule=schedule, weight_decay=weight_decay, mixed_precision=mixed_precision, add_eos=add_eos,
             loss_fn=None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
         ))
         resumed = _load_for_resume(rt, ckpt_dir, fingerprint)
@@ -721,8 +725,8 @@ def train(
     if kind == "dpo":
         with autocast(), _lost_peers_named(rt):
             ref_chosen, ref_rejected = reference_logprobs(
-                model, tokenizer, examples, max_length=max_length,
-                max_tokens=default_reference_tokens(tokenizer, examples, batch_size, max_length),
+                model, tokenizer, examples, max_length=max_length, add_eos=add_eos,
+                max_tokens=default_reference_tokens(tokenizer, examples, batch_size, max_length, add_eos),
             )
 
     if fsdp:  # after the reference pass, which runs on each rank's whole model (no collectives)
@@ -743,11 +747,12 @@ def train(
                 part, stand_in = idx[:1], True
             chunk = [examples[i] for i in part]
             if kind == "sft":
-                cpu_batch = collate_sft(tokenizer, chunk, max_length=max_length)  # counted here: no device sync
+                cpu_batch = collate_sft(tokenizer, chunk, max_length=max_length, add_eos=add_eos)  # counted here: no device sync
                 weight = len(part) if loss_fn is not None else int((cpu_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 batch = _move(cpu_batch, device)
             else:
-                batch = _move(stack_pairs(collate_preference(tokenizer, chunk, max_length=max_length), pad_id), device)
+                batch = _move(stack_pairs(collate_preference(tokenizer, chunk, max_length=max_length, add_eos=add_eos),
+                                          pad_id), device)
                 weight = len(part)
             out.append((part, batch, 0 if stand_in else weight))
         return out

@@ -12,6 +12,7 @@ from ..adapter.export import check_export_target
 from ..adapter.schema import CONFIG_NAME
 from ..data import TASKS
 from ..experiments import CLUTRR_TRAIN_SIZE, DEFAULT_LR, DEFAULT_SEED, load_model_for, task_items
+from ..experiments.recipes import DEFAULT_RECIPE, RECIPES, fill_recipe, with_prompt_style
 from ..experiments.settings import DTYPES, launch
 from ..methods.lofit import select_defaults
 from ..models import resolve_model_path
@@ -148,8 +149,17 @@ def add_training_arguments(p: argparse.ArgumentParser, *, select: bool = True, t
     g.add_argument("--k", type=positive_int, default=None, help="number of heads to tune (default ≈3%% of heads)")
     g.add_argument("--init-std", type=nonnegative_float, default=1e-3, help="A / v init std (default 1e-3)")
     g.add_argument("--beta", type=positive_float, default=0.5, help="DPO β for TruthfulQA (default 0.5)")
-    g.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0,
-                   help="gradient clipping norm, 0 for none (default 1.0, the HF Trainer's)")
+    g.add_argument("--max-grad-norm", type=nonnegative_float, default=None,
+                   help="gradient clipping norm, 0 for none (default: the recipe's; official 1.0, the HF Trainer's)")
+    g.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="official (default): the authors' scripts — linear decay, EOS after each completion, prompt "
+                        "'Q: {q} A:', clipping 1.0; plain: constant rate, no EOS, 'Q: {q}\\nA:', no clipping")
+    g.add_argument("--schedule", choices=("linear", "constant"), default=None,
+                   help="learning-rate schedule (default: the recipe's)")
+    g.add_argument("--eos", dest="add_eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="append EOS to every training completion (default: the recipe's)")
+    g.add_argument("--prompt-style", choices=("official", "newline"), default=None,
+                   help="TruthfulQA prompt: official 'Q: {q} A:' or newline 'Q: {q}\\nA:' (default: the recipe's)")
     g.add_argument("--max-length", type=positive_int, default=None, help="truncate training sequences to N tokens")
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="gradient accumulation: N forward passes of --batch-size per optimizer step, the same "
@@ -186,7 +196,8 @@ def load_items(args, which: str):
     """The task items for `which` ("train" or "eval") from --data, cut to --max-train / --max-eval."""
     data = require_data(args)
     try:
-        return task_items(args.task, data, which, fold=args.fold, max_train=args.max_train, max_eval=args.max_eval)
+        items = task_items(args.task, data, which, fold=args.fold, max_train=args.max_train, max_eval=args.max_eval)
+        return with_prompt_style(items, args.prompt_style) if getattr(args, "prompt_style", None) else items
     except ValueError as exc:
         if str(exc).startswith("no "):
             raise UserError(str(exc)) from None
@@ -227,6 +238,8 @@ def fill_task_defaults(args) -> None:
         args.select_lr = official["lr"]
     if getattr(args, "l1", False) is None:
         args.l1 = official["l1"]
+    if hasattr(args, "recipe"):
+        fill_recipe(args)
 
 
 def writable_folder(path: str, flag: str) -> None:

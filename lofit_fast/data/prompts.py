@@ -17,6 +17,8 @@ import ast
 from typing import Tuple
 
 TRUTHFULQA_TEMPLATE = "Q: {question} A:"
+# The official template, and the one most QA evaluations use (lm-eval's truthfulqa_mc, a newline before "A:").
+TRUTHFULQA_TEMPLATES = {"official": TRUTHFULQA_TEMPLATE, "newline": "Q: {question}\nA:"}
 MQUAKE_TEMPLATE = "Q: Imagine that {edit}. {question} A:"
 CLUTRR_TEMPLATE = (
     'Read the following story about a family. "{story}" Assume the relations described in the story are all '
@@ -26,8 +28,10 @@ CLUTRR_TEMPLATE = (
 )
 
 
-def truthfulqa_prompt(question: str) -> str:
-    return TRUTHFULQA_TEMPLATE.format(question=question.strip())
+def truthfulqa_prompt(question: str, style: str = "official") -> str:
+    if style not in TRUTHFULQA_TEMPLATES:
+        raise ValueError(f"unknown TruthfulQA prompt style {style!r}; expected one of {', '.join(TRUTHFULQA_TEMPLATES)}")
+    return TRUTHFULQA_TEMPLATES[style].format(question=question.strip())
 
 
 def truthfulqa_completion(answer: str) -> str:

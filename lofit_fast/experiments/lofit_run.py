@@ -23,6 +23,7 @@ from ..analysis import plot_head_scores, plot_losses
 from ..eval import evaluate, paired_bootstrap
 from ..methods import HeadSelection, default_k, random_heads, select_heads, tune
 from ..patch import find_attention_sites, trainable_parameters, unpatch
+from .recipes import with_prompt_style
 from .results import RESULT_KEYS, previous_results, read_predictions, write_json, write_predictions
 from .settings import RunSettings, hyperparameters, load_model_for, log, splits
 
@@ -73,8 +74,8 @@ def train_kw(settings) -> dict:
         batch_size=settings.batch_size, epochs=settings.epochs, init_std=settings.init_std, seed=settings.seed,
         backend=settings.backend, beta=settings.beta, max_grad_norm=settings.max_grad_norm or None,
         max_length=settings.max_length, progress=not settings.quiet, grad_accum=getattr(settings, "grad_accum", 1),
-        mixed_precision=getattr(settings, "mixed_precision", "no"),
-        **({"fsdp": True} if getattr(settings, "fsdp", False) else {}),
+        mixed_precision=getattr(settings, "mixed_precision", "no"), schedule=settings.schedule,
+        add_eos=settings.add_eos, **({"fsdp": True} if getattr(settings, "fsdp", False) else {}),
     )
 
 
@@ -116,7 +117,8 @@ def previous_selection(path: str, settings, model, train_examples: int) -> Optio
     meta = selection.meta
     wanted = {"task": settings.task, "l1": settings.l1, "lr": settings.select_lr, "epochs": settings.epochs,
               "batch_size": settings.batch_size, "init_std": settings.init_std, "seed": settings.seed,
-              "max_grad_norm": settings.max_grad_norm or None}
+              "max_grad_norm": settings.max_grad_norm or None,
+              "recipe": {k: getattr(settings, k) for k in ("schedule", "add_eos", "prompt_style")}}
     same = all(meta.get(key) == value for key, value in wanted.items())
     same = same and meta.get("train_examples") == train_examples and meta.get("model") == settings.model
     return selection if same else None
@@ -129,6 +131,8 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
     with its fields, e.g. the CLI's argparse namespace). `known_base`: (metrics, per-item scores) of the base
     model on these evaluation items, already measured (the base model is deterministic): not evaluated again."""
     settings = RunSettings.of(settings)
+    train_items = with_prompt_style(train_items, settings.prompt_style)
+    eval_items = with_prompt_style(eval_items, settings.prompt_style)
     start = time.perf_counter()
     out = settings.out
     os.makedirs(out, exist_ok=True)
@@ -210,6 +214,7 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         log(settings, f"LoFiT step 1: selecting heads on {len(train_items)} {settings.task} examples ...")
         selection = select(settings, model, tokenizer, train_items, **stage_checkpoints("select"))
         selection.meta["model"] = settings.model
+        selection.meta["recipe"] = {k: getattr(settings, k) for k in ("schedule", "add_eos", "prompt_style")}
         seconds["select"] = round(time.perf_counter() - t, 1)
         selection.save(selection_path)
         info["train_loss"]["select"] = selection.meta.get("final_loss")

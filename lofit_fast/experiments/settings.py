@@ -12,6 +12,7 @@ import torch
 from ..data import TASKS, load_split
 from ..methods.lofit import select_defaults
 from ..models import load_model
+from .recipes import fill_recipe
 
 DEFAULT_SEED = 42  # the official LoFiT scripts' seed
 CLUTRR_TRAIN_SIZE = 300  # LoFiT trains on 300 CLUTRR examples
@@ -21,14 +22,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_LR = {"lofit": 1e-2, "lora": 5e-4, "red": 5e-3, "rep_tuning": 5e-3}
 HYPERPARAMETER_KEYS = ("epochs", "batch_size", "select_lr", "l1", "lr", "init_std", "beta", "max_grad_norm",
                        "max_length", "seed", "dtype", "backend", "fold", "max_train", "max_eval", "grad_accum",
-                       "mixed_precision", "quantize")
+                       "mixed_precision", "quantize", "recipe", "schedule", "add_eos", "prompt_style")
 
 
 @dataclasses.dataclass
 class RunSettings:
     """The settings of a LoFiT run (base, step 1, step 2 on the top K and on K random heads). The defaults are
     the official LoFiT scripts' (Llama-2-7B values); the learning rates and λ left at None take the task's
-    official value (`lofit_fast.methods.lofit.select_defaults`, 1e-2 for step 2)."""
+    official value (`lofit_fast.methods.lofit.select_defaults`, 1e-2 for step 2), and the schedule, EOS,
+    prompt and clipping left at None their recipe's (`lofit_fast.experiments.recipes`)."""
 
     task: str = "truthfulqa"
     out: str = os.path.join("runs", "truthfulqa")
@@ -52,7 +54,7 @@ class RunSettings:
     k: Optional[int] = None
     init_std: float = 1e-3
     beta: float = 0.5
-    max_grad_norm: float = 1.0
+    max_grad_norm: Optional[float] = None
     max_length: Optional[int] = None
     grad_accum: int = 1
     mixed_precision: str = "no"
@@ -61,8 +63,13 @@ class RunSettings:
     resume: bool = False
     selection: Optional[str] = None
     method: str = "lofit"
+    recipe: str = "official"
+    schedule: Optional[str] = None
+    add_eos: Optional[bool] = None
+    prompt_style: Optional[str] = None
 
     def __post_init__(self):
+        fill_recipe(self)
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.method, DEFAULT_LR["lofit"])
         official = select_defaults(self.task)
