@@ -33,10 +33,10 @@ def _model_device(model) -> torch.device:
 
 
 def label_token_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, adapter_names=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(log p of every label token [N], the batch row of each [N]), in row-major order; float32 (float64 for
-    a float64 model)."""
+    a float64 model). `adapter_names`: one adapter per row, for a model holding several (`load_adapters`)."""
     if input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
@@ -53,6 +53,8 @@ def label_token_logprobs(
     positions = mask.any(dim=0).nonzero().squeeze(1)  # logit positions needed by some row
     accepted = forward_parameters(model)
     kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no KV cache to build for one pass
+    if adapter_names is not None:
+        kwargs["adapter_names"] = adapter_names
     if "logits_to_keep" in accepted and positions.numel() > 0:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions, **kwargs).logits
         if logits.shape[1] != positions.numel():  # the model ignored logits_to_keep
@@ -69,11 +71,11 @@ def label_token_logprobs(
 
 
 def sequence_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, adapter_names=None,
 ) -> torch.Tensor:
     """Σ log p(label tokens) per row: [B] in float32 (float64 for a float64 model) whatever the model's dtype;
-    rows without label tokens give 0."""
-    logps, rows = label_token_logprobs(model, input_ids, attention_mask, labels)
+    rows without label tokens give 0. `adapter_names`: one adapter per row (`load_adapters`)."""
+    logps, rows = label_token_logprobs(model, input_ids, attention_mask, labels, adapter_names)
     out = torch.zeros(input_ids.shape[0], dtype=logps.dtype, device=logps.device)
     return out.index_add(0, rows, logps)
 

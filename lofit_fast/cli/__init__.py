@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import adapter_cmds, lofit_cmds, method_cmds
+from . import adapter_cmds, generate_cmds, lofit_cmds, method_cmds
 from .common import UserError, check_args, fill_task_defaults
 
 __all__ = ["main", "build_parser", "UserError"]
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     lofit_cmds.register(sub)
     adapter_cmds.register(sub)
+    generate_cmds.register(sub)
     method_cmds.register(sub)
     return parser
 

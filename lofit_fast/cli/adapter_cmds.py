@@ -6,31 +6,51 @@ import os
 
 import torch
 
-from ..adapter import export, import_official, load_adapter, merge, save_adapter
+from ..adapter import export, import_official, load_adapter, load_adapters, merge, save_adapter
 from ..adapter.gguf_export import (
     export_control_vector_gguf,
     export_gguf,
     model_type_and_layers,
     read_vectors_file,
 )
-from ..experiments import evaluate_arm, splits, write_json
+from ..experiments import evaluate_adapters, evaluate_arm, splits, write_json
 from ..models import resolve_model_path
 from ..patch import patched_modules
-from .common import UserError, add_data_arguments, add_model_arguments, load_items, load_model_from_args, nonnegative_float, table
+from .common import (
+    UserError,
+    adapter_spec,
+    add_data_arguments,
+    add_model_arguments,
+    load_items,
+    load_model_from_args,
+    named_adapters,
+    nonnegative_float,
+    table,
+)
 
 
 def cmd_eval(args) -> int:
+    adapters = named_adapters(args.adapter) if args.adapter else {}
     items = load_items(args, "eval")
     model, tokenizer = load_model_from_args(args)
-    if args.adapter:
-        load_adapter(model, args.adapter, backend=args.backend)
-    metrics = evaluate_arm(args, model, tokenizer, items, "the adapter" if args.adapter else "the base model")
-    name = "lofit" if args.adapter else "base"
-    print(table({name: metrics}))
+    if len(adapters) > 1:  # one batched pass: every item once per adapter and once for the base model
+        load_adapters(model, adapters, backend=args.backend)
+        rows = evaluate_adapters(args.task, model, tokenizer, items, ["__base__", *adapters],
+                                 batch_size=args.eval_batch_size, progress=not args.quiet)
+        record = {"adapter": adapters}
+    elif adapters:
+        (name, path), = adapters.items()
+        load_adapter(model, path, backend=args.backend)
+        rows = {name: evaluate_arm(args, model, tokenizer, items, "the adapter")}
+        record = {"adapter": path}
+    else:
+        rows = {"base": evaluate_arm(args, model, tokenizer, items, "the base model")}
+        record = {"adapter": None}
+    print(table(rows))
     if args.out:
         path = write_json(os.path.join(args.out, "eval.json"), {
-            "task": args.task, "model": args.model, "adapter": args.adapter,
-            "split": splits(args.task)[1], "examples": len(items), name: metrics,
+            "task": args.task, "model": args.model, **record, "split": splits(args.task)[1], "examples": len(items),
+            **rows,
         })
         print(f"wrote {path}")
     return 0
@@ -117,7 +137,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate the base model, or the model with an adapter")
     add_model_arguments(p)
     add_data_arguments(p)
-    p.add_argument("--adapter", help="adapter folder (from tune or run); omit for the base model")
+    p.add_argument("--adapter", type=adapter_spec, action="append", default=None, metavar="[NAME=]PATH",
+                   help="adapter folder (from tune or run); omit for the base model. Repeat as NAME=PATH to score "
+                        "several adapters and the base model in one batched pass (one row each in eval.json)")
     p.add_argument("--out", help="folder for eval.json")
     p.set_defaults(func=cmd_eval)
 

@@ -89,6 +89,30 @@ def seeds_arg(text: str) -> List[int]:
     return seeds
 
 
+def adapter_spec(text: str):
+    """NAME=PATH (a named adapter of several), or a bare PATH (one adapter, named "lofit")."""
+    name, sep, path = text.partition("=")
+    if sep and name and "/" not in name and os.sep not in name:
+        if not path:
+            raise argparse.ArgumentTypeError(f"--adapter {text!r}: no path after {name}=")
+        return name, path
+    return None, text
+
+
+def named_adapters(specs) -> Dict[str, str]:
+    """{name: path} of repeated --adapter values: several need NAME=PATH each, with distinct names."""
+    if len(specs) == 1 and specs[0][0] is None:
+        return {"lofit": specs[0][1]}
+    out: Dict[str, str] = {}
+    for name, path in specs:
+        if name is None:
+            raise UserError(f"--adapter {path}: with several adapters, name each one (--adapter NAME=PATH)")
+        if name in out or name in ("base", "__base__"):
+            raise UserError(f"--adapter {name}: the name is given twice or reserved ('base' is the base model)")
+        out[name] = path
+    return out
+
+
 def layers_arg(text: str) -> List[int]:
     out = []
     try:
@@ -300,11 +324,16 @@ def check_args(args) -> None:
     if getattr(args, "selection", None) and not os.path.isfile(args.selection):
         raise UserError(f"selection file not found: {args.selection}")
     adapter = getattr(args, "adapter", None)
-    if isinstance(adapter, str) and adapter and not os.path.isfile(os.path.join(adapter, CONFIG_NAME)):
-        raise UserError(f"--adapter {adapter}: not an adapter folder (no {CONFIG_NAME}; see lofit-fast tune)")
+    paths = [adapter] if isinstance(adapter, str) else [p for _, p in adapter or []]
+    if not isinstance(adapter, str) and adapter:
+        named_adapters(adapter)  # names checked too
+    for path in paths:
+        if path and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise UserError(f"--adapter {path}: not an adapter folder (no {CONFIG_NAME}; see lofit-fast tune)")
     out = getattr(args, "out", None)
     if isinstance(out, str) and out:
-        target = out if args.command != "export" or not out.endswith(".gguf") else os.path.dirname(out) or "."
+        is_file = args.command == "generate" or (args.command == "export" and out.endswith(".gguf"))
+        target = os.path.dirname(os.path.abspath(out)) if is_file else out
         writable_folder(target, "--out")
     if args.command == "export" and getattr(args, "format", "hf") == "hf":
         try:

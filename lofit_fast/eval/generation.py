@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import string
 import unicodedata
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -62,15 +62,18 @@ def _generation_kwargs(model, tokenizer, max_new_tokens: int) -> dict:
 
 def generate_greedy(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 16,
-    progress: bool = True, desc: str = "generating",
+    progress: bool = True, desc: str = "generating", adapter_names: Optional[Sequence] = None,
 ) -> List[str]:
     """Greedy continuations of `prompts` (decoded without special tokens), generated in left-padded batches
     of prompts of similar length. The prompts are tokenized as in training (BOS when the tokenizer adds one);
-    the tokenizer itself is not modified."""
+    the tokenizer itself is not modified. `adapter_names`: one adapter per prompt for a model holding several
+    (`lofit_fast.load_adapters`; "__base__" for none), so prompts of every adapter share the batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts (one per prompt)")
     ids = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     pad = pad_token_id(tokenizer)
@@ -83,7 +86,8 @@ def generate_greedy(
             rows = [ids[i] for i in idx]
             input_ids = pad_left(rows, pad).to(device)
             attention_mask = pad_left([[1] * len(r) for r in rows], 0).to(device)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            routed = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **routed)
             new_tokens = out[:, input_ids.shape[1] :]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 outputs[i] = text
@@ -94,6 +98,7 @@ def generate_greedy(
 def generation_accuracy(
     model, tokenizer, items: Sequence[GenItem], *, max_new_tokens: int = 16, batch_size: int = 16,
     progress: bool = True, stop: Sequence[str] = ("\n",), return_predictions: bool = False,
+    adapter_names: Optional[Sequence] = None,
 ) -> Dict[str, object]:
     """{"accuracy": fraction of items whose greedy answer matches (see the module docstring)}; with
     `return_predictions`, also "predictions": [{prompt, generated, prediction, answers, correct}]."""
@@ -104,7 +109,7 @@ def generation_accuracy(
             raise TypeError(f"generation_accuracy: item {n} is a {type(item).__name__}, expected GenItem")
     generated = generate_greedy(
         model, tokenizer, [item.prompt for item in items], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, progress=progress, desc="generating answers",
+        batch_size=batch_size, progress=progress, desc="generating answers", adapter_names=adapter_names,
     )
     records = []
     for item, text in zip(items, generated):

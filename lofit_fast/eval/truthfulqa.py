@@ -52,11 +52,14 @@ def _answers(item: MCItem) -> Tuple[List[str], List[str], str]:
 
 def score_answers(
     model, tokenizer, pairs: Sequence[Tuple[str, str]], *, batch_size: int = 16, progress: bool = True,
-    desc: str = "scoring answers",
+    desc: str = "scoring answers", adapter_names: Optional[Sequence] = None,
 ) -> List[float]:
-    """Σ log p(completion tokens | prompt) for each (prompt, completion) pair, batched by length."""
+    """Σ log p(completion tokens | prompt) for each (prompt, completion) pair, batched by length
+    (`adapter_names`: one adapter per pair, for a model holding several)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if adapter_names is not None and len(adapter_names) != len(pairs):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(pairs)} pairs (one per pair)")
     examples = [SFTExample(p, c) for p, c in pairs]
     lengths = [len(p) + len(c) for p, c in pairs]  # characters: a cheap proxy to group similar lengths
     order = sorted(range(len(examples)), key=lambda i: lengths[i], reverse=True)
@@ -65,7 +68,8 @@ def score_answers(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = collate_sft(tokenizer, [examples[i] for i in idx], add_eos=False)
-            logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            routed = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
+            logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"], **routed)
             for i, value in zip(idx, logps.tolist()):
                 scores[i] = value
             bar.update(len(idx))
@@ -81,20 +85,24 @@ def _answer_logprobs(logits: torch.Tensor, answers: torch.Tensor, mask: torch.Te
 
 def score_with_shared_prompts(
     model, tokenizer, prompts: Sequence[str], answers: Sequence[Sequence[str]], *, batch_tokens: int = 2048,
-    max_rows: int = 64, progress: bool = True, desc: str = "scoring answers",
+    max_rows: int = 64, progress: bool = True, desc: str = "scoring answers", adapter_names: Optional[Sequence] = None,
 ) -> List[List[float]]:
     """Σ log p(answer tokens | prompt) for every answer of every prompt, the prompt run once per question.
 
     Prompts are taken in batches of about `batch_tokens` prompt + answer tokens and at most `max_rows` answers
     (one question at least; longest prompts first), left-padded
     with explicit position ids; each prompt's KV cache is repeated for its answers, which run right-padded in
-    a second forward. Tokenization is the training one (prompt and answer tokenized apart and joined)."""
+    a second forward. Tokenization is the training one (prompt and answer tokenized apart and joined).
+    `adapter_names`: one adapter per prompt (its answers use it too), for a model holding several."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts (one per prompt)")
     if not {"past_key_values", "position_ids", "logits_to_keep"} <= forward_parameters(model):
         # A model without a KV cache interface: every (prompt, answer) pair on its own.
+        names = None if adapter_names is None else [n for n, group in zip(adapter_names, answers) for _ in group]
         flat = iter(score_answers(model, tokenizer, [(p, a) for p, group in zip(prompts, answers) for a in group],
-                                  batch_size=max_rows, progress=progress, desc=desc))
+                                  batch_size=max_rows, progress=progress, desc=desc, adapter_names=names))
         return [[next(flat) for _ in group] for group in answers]
     prompt_ids = encode_prompts(tokenizer, prompts)
     answer_ids = [encode_completions(tokenizer, list(a), add_eos=False) for a in answers]
@@ -121,8 +129,9 @@ def score_with_shared_prompts(
             p_ids = pad_left(p_rows, pad).to(device)
             p_mask = pad_left([[1] * len(r) for r in p_rows], 0).to(device)
             p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+            routed = {} if adapter_names is None else {"adapter_names": [adapter_names[q] for q in batch]}
             first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
-                          logits_to_keep=1)
+                          logits_to_keep=1, **routed)
             owner = torch.tensor([i for i, q in enumerate(batch) for _ in answer_ids[q]], device=device)
             a_rows = [a for q in batch for a in answer_ids[q]]
             a_ids = pad_right(a_rows, pad).to(device)
@@ -131,8 +140,10 @@ def score_with_shared_prompts(
             cache.batch_select_indices(owner)
             lengths = p_mask.sum(1)[owner]
             a_pos = lengths[:, None] + torch.arange(a_ids.shape[1], device=device)[None, :]
+            if adapter_names is not None:
+                routed = {"adapter_names": [adapter_names[batch[i]] for i in owner.tolist()]}
             rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos,
-                         past_key_values=cache, use_cache=True).logits
+                         past_key_values=cache, use_cache=True, **routed).logits
             logits = torch.cat([first.logits[owner][:, -1:], rest[:, :-1]], 1)
             scores = _answer_logprobs(logits, a_ids, a_mask.to(logits.dtype)).tolist()
             for row, i in enumerate(owner.tolist()):
@@ -143,7 +154,7 @@ def score_with_shared_prompts(
 
 def truthfulqa_mc(
     model, tokenizer, items: Sequence[MCItem], *, batch_size: int = 16, progress: bool = True, prefix: str = "",
-    return_items: bool = False,
+    return_items: bool = False, adapter_names: Optional[Sequence] = None,
 ) -> Dict[str, object]:
     """{"mc1", "mc2"} over `items` (see the module docstring); the model is scored in eval mode under no_grad
     and put back in its previous mode. `batch_size` caps the answers scored in one forward (each question's
@@ -165,7 +176,7 @@ def truthfulqa_mc(
     scored = score_with_shared_prompts(
         model, tokenizer, [prefix + item.prompt for item in items],
         [[truthfulqa_completion(a) for a in group] for group in groups],
-        max_rows=max(batch_size, 1), progress=progress, desc="TruthfulQA MC",
+        max_rows=max(batch_size, 1), progress=progress, desc="TruthfulQA MC", adapter_names=adapter_names,
     )
     flat = iter(x for row in scored for x in row)
     per_item = []
