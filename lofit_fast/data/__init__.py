@@ -1,6 +1,6 @@
 """Task data: loaders for the official LoFiT files (TruthfulQA, CLUTRR, MQuAKE), prompt templates, training
 examples (SFT and DPO pairs), and collation into padded token batches."""
-from .builtin import builtin_truthfulqa
+from .builtin import builtin_fictional, builtin_truthfulqa
 from .collate import (
     IGNORE_INDEX,
     adds_bos,
@@ -55,6 +55,7 @@ __all__ = [
     "pad_right",
     "pad_token_id",
     "builtin_truthfulqa",
+    "builtin_fictional",
     "truthfulqa_prompt",
     "truthfulqa_completion",
     "mquake_prompt",
