@@ -8,7 +8,7 @@ import tempfile
 
 from ..adapter import save_adapter
 from ..analysis import plot_head_scores
-from ..data import builtin_truthfulqa
+from ..data import builtin_fictional
 from ..experiments import (
     hyperparameters,
     load_selection,
@@ -178,7 +178,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """A short TruthfulQA run: the fold's data when --data is given, else the built-in examples."""
+    """A short TruthfulQA-style run: the fold's data when --data is given, else the built-in task about made-up
+    entities (`lofit_fast.data.builtin_fictional`), where LoFiT's effect is large and quick to learn."""
     args.task = "truthfulqa"
     args.fold = getattr(args, "fold", 0)
     if args.out is None:
@@ -190,14 +191,13 @@ def cmd_demo(args) -> int:
         eval_items = load_items(args, "eval")
         source = f"TruthfulQA fold {args.fold} from {args.data}"
     else:
-        items = list(builtin_truthfulqa())
-        half = len(items) // 2
-        train_items, eval_items = items[:half], items[half:]
+        train_items, eval_items = builtin_fictional("train"), builtin_fictional("test")
         if args.max_train:
             train_items = train_items[: args.max_train]
         if args.max_eval:
             eval_items = eval_items[: args.max_eval]
-        source = "the built-in TruthfulQA examples (pass --data DIR for the real data)"
+        source = ("built-in TruthfulQA-style questions about made-up entities (truthful: 'there is no such "
+                  "thing'; pass --data DIR for the real TruthfulQA folds)")
     scratch = rank_outputs(args)
     if scratch is not None:
         return _run_on_other_rank(args, scratch, train_items, eval_items)
@@ -248,7 +248,7 @@ def register(sub) -> None:
                                        "selected on another task (cross-task head sets)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="a short LoFiT run on TruthfulQA (built-in examples unless --data)")
+    p = sub.add_parser("demo", help="a short LoFiT run: a built-in TruthfulQA-style task, or TruthfulQA with --data")
     add_model_arguments(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=os.environ.get(DATA_ENV), help="data folder with truthfulqa/ (optional)")
