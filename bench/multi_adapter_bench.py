@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -157,7 +157,7 @@ def _timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def run(args) -> List[Dict]:
+def run(args, on_round: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
     preset = dict(PRESETS[args.preset])
     for key in ("batch", "reps", "warmup", "new_tokens", "prompt"):
         if getattr(args, key) is not None:
@@ -317,7 +317,13 @@ def run(args) -> List[Dict]:
             finally:
                 teardown()
         print(f"round {rnd + 1}/{total_rounds} done", flush=True)
+        if times and on_round is not None:  # a run stopped early still leaves the rounds it finished
+            on_round(summarize(times, preset, args.preset, device, B, T_new))
+    return summarize(times, preset, args.preset, device, B, T_new)
 
+
+def summarize(times: Dict[tuple, List[float]], preset: Dict, preset_name: str, device: str, B: int,
+              T_new: int) -> List[Dict]:
     rows = []
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for (p, n, w), ts in sorted(times.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
@@ -325,7 +331,7 @@ def run(args) -> List[Dict]:
         med = statistics.median(ts)
         q = lambda f: ts_sorted[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
         tokens = B * (T_new if w == "decode" else (preset["train_seq"] if w == "train" else preset["prompt"]))
-        rows.append({"preset": args.preset, "model": preset["model"], "device": device_name, "dtype": preset["dtype"],
+        rows.append({"preset": preset_name, "model": preset["model"], "device": device_name, "dtype": preset["dtype"],
                      "workload": w, "provider": p, "n_adapters": n if p != "one_adapter" else 1, "batch": B,
                      "ms_p50": round(1000 * med, 3), "ms_p20": round(1000 * q(0.2), 3),
                      "ms_p80": round(1000 * q(0.8), 3), "tokens_per_s": round(tokens / med, 2),
@@ -403,9 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="print every timed call")
     ap.add_argument("--tag", default=None, help="file name suffix: multi_adapter_<tag>.csv/.md/.png (default: the preset)")
     args = ap.parse_args(argv)
-    rows = run(args)
     ns = [int(x) for x in args.ns.split(",")] if args.ns else PRESETS[args.preset]["ns"]
     tag = args.tag or args.preset
+    rows = run(args, on_round=lambda rows: write_results(rows, Path(args.results), tag, ns))
     write_results(rows, Path(args.results), tag, ns)
     for r in rows:
         print(json.dumps(r))
