@@ -102,8 +102,13 @@ def _smollm2(quantize=None):
         pytest.skip(f"cannot quantize here: {exc}")
 
 
-def _lofit_beats_base(model, tok, *, n_train=48, n_eval=64, epochs=2):
-    """Step 1 and step 2 on `n_train` items, the LoFiT model against the base on `n_eval` unseen items."""
+# The heads LoFiT's step 1 selects on the demo task (float32 SmolLM2, 48 items, 2 epochs, seed 42).
+DEMO_HEADS = [(15, 4), (14, 0), (16, 7), (15, 2), (19, 6), (13, 1), (12, 5), (14, 2)]
+
+
+def _lofit_beats_base(model, tok, *, n_train=48, n_eval=48, epochs=2, heads=None):
+    """Step 1 (unless `heads` are given) and step 2 on `n_train` items, the LoFiT model against the base on
+    `n_eval` unseen items."""
     from lofit_fast.methods import select_heads, tune
     from lofit_fast.patch import unpatch
 
@@ -111,7 +116,8 @@ def _lofit_beats_base(model, tok, *, n_train=48, n_eval=64, epochs=2):
     test = builtin_fictional("test", train_size=n_train, eval_size=n_eval)
     kw = dict(epochs=epochs, batch_size=8, seed=42, progress=False)
     base = truthfulqa_mc(model, tok, test, progress=False, return_items=True)
-    heads = select_heads(model, tok, train, task="truthfulqa", k=8, **kw).top(8)
+    if heads is None:
+        heads = select_heads(model, tok, train, task="truthfulqa", k=8, **kw).top(8)
     tuned = tune(model, tok, train, heads, task="truthfulqa", lr=1e-2, **kw)
     try:
         lofit = truthfulqa_mc(tuned, tok, test, progress=False, return_items=True)
@@ -121,8 +127,8 @@ def _lofit_beats_base(model, tok, *, n_train=48, n_eval=64, epochs=2):
     return base, lofit, gains
 
 
-# Each of the two tests below: model load + base eval (64 items) + step 1 + step 2 (48 items, 2 epochs) + eval,
-# about 3 CPU-minutes on one thread (measured: 598 s / 516 s wall at load 5-7 on the shared 2-core machine).
+# The float test: model load + base eval (48 items) + step 1 + step 2 (48 items, 2 epochs) + eval, about 2.5
+# CPU-minutes; the int8 one (issue 12: step 2 on an int8 base) skips step 1 and tunes the float run's heads.
 @pytest.mark.slow
 def test_lofit_beats_the_base_model_on_the_demo_task():
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -139,6 +145,6 @@ def test_lofit_on_an_int8_base_beats_the_int8_base_on_the_demo_task():
     from lofit_fast.ops.function import is_quantized_weight
 
     assert is_quantized_weight(model.model.layers[0].self_attn.o_proj.weight)
-    base, lofit, gains = _lofit_beats_base(model, tok)
+    base, lofit, gains = _lofit_beats_base(model, tok, heads=DEMO_HEADS)
     assert gains["mc2"]["ci_low"] > 0, gains
     assert gains["mc1"]["mean_diff"] > 0, gains
