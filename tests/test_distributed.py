@@ -79,8 +79,9 @@ def test_one_process_reproduces_the_loop_it_replaced(case, monkeypatch):
 
     kw = PIN_CASES[case]
     rows = train_module.reference_logprobs
-    monkeypatch.setattr(train_module, "reference_logprobs", lambda model, tok, examples, *, max_length, max_tokens:
-                        rows(model, tok, examples, batch_size=kw["batch_size"], max_length=max_length))
+    monkeypatch.setattr(train_module, "reference_logprobs",
+                        lambda model, tok, examples, *, max_length, max_tokens, add_eos:
+                        rows(model, tok, examples, batch_size=kw["batch_size"], max_length=max_length, add_eos=add_eos))
     old, old_values = _run(legacy_loops.train, **kw)
     new, new_values = _run(train, **kw)
     assert len(new["history"]) == len(old["history"]) == old["steps"] == new["steps"]
