@@ -31,6 +31,16 @@ class HeadInterventionLinear(nn.Module):
         layer_idx: Optional[int] = None,
     ):
         super().__init__()
+        self._wrap(base, heads, head_dim, backend, layer_idx)
+        self.A = None if A is None else nn.Parameter(A)
+        self.v = None if v is None else nn.Parameter(v)
+        quantized = is_quantized_weight(base.weight)
+        self.register_buffer(
+            "w_sel", dequantized_columns(base.weight, self.heads, head_dim) if quantized else None, persistent=False
+        )
+
+    def _wrap(self, base: nn.Linear, heads: torch.Tensor, head_dim: int, backend: str, layer_idx: Optional[int]):
+        """The base o_proj's weight, bias and shape, and the selected heads: what every patched o_proj holds."""
         self.in_features, self.out_features = base.in_features, base.out_features
         self.head_dim = head_dim
         self.num_heads = base.in_features // head_dim
@@ -40,12 +50,6 @@ class HeadInterventionLinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.register_buffer("heads", heads.to(device=base.weight.device, dtype=torch.int64), persistent=False)
-        self.A = None if A is None else nn.Parameter(A)
-        self.v = None if v is None else nn.Parameter(v)
-        quantized = is_quantized_weight(base.weight)
-        self.register_buffer(
-            "w_sel", dequantized_columns(base.weight, self.heads, head_dim) if quantized else None, persistent=False
-        )
         self.__dict__["base_layer"] = base  # the original module, restored by unpatch (not a submodule)
 
     @property

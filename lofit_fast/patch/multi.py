@@ -117,20 +117,11 @@ class MultiHeadInterventionLinear(HeadInterventionLinear):
                  v_table: Optional[torch.Tensor], router: AdapterRouter, backend: str = "auto",
                  layer_idx: Optional[int] = None):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.head_dim = head_dim
-        self.num_heads = base.in_features // head_dim
-        self.layer_idx = layer_idx
-        self.backend = backend
-        self.enabled = True
-        self.weight = base.weight
-        self.bias = base.bias
-        self.register_buffer("heads", heads.to(device=base.weight.device, dtype=torch.int64), persistent=False)
+        self._wrap(base, heads, head_dim, backend, layer_idx)
         self.A_table = None if A_table is None else nn.Parameter(A_table)
         self.v_table = None if v_table is None else nn.Parameter(v_table)
         self.register_buffer("w_sel", None, persistent=False)
         self.__dict__["router"] = router  # shared, not a submodule
-        self.__dict__["base_layer"] = base
 
     @property
     def n_adapters(self) -> int:
