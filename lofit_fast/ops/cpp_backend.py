@@ -96,7 +96,21 @@ def call_backward(dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_
     return (dx if need_dx else None), (dA if need_dA else None), (dv if need_dv else None)
 
 
-class CppBackend:
+class NativeRows:
+    """forward_rows / backward_rows through the native per-row ops, with the W_S and offset rows the backend's
+    `_rows_prepared(weight, heads, v, head_dim)` caches (the cpp and cuda backends)."""
+
+    def forward_rows(self, x, weight, bias, heads, A, v, row_ids, head_dim):
+        w_sel, off = self._rows_prepared(weight, heads, v, head_dim)
+        return call_forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim, w_sel, off)
+
+    def backward_rows(self, dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv):
+        w_sel, _ = self._rows_prepared(weight, heads, None, head_dim)
+        return call_backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA,
+                                  need_dv, w_sel)
+
+
+class CppBackend(NativeRows):
     name = "cpp"
     device_types = frozenset({"cpu"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
@@ -116,7 +130,7 @@ class CppBackend:
 
     # Per-row tables: W_S and the offset rows v W_Sᵀ [n_adapters, D_out] are built once per parameter version
     # (every decode step reuses them), except under tracing, where the op builds them itself.
-    def _prepared(self, weight, heads, v, head_dim):
+    def _rows_prepared(self, weight, heads, v, head_dim):
         if not cacheable((weight, heads, v)):
             return None, None
         w_sel = _CACHE.get((weight, heads), ("w_sel", head_dim),
@@ -127,14 +141,6 @@ class CppBackend:
                              lambda: build_detached(lambda: offset_rows(w_sel, v).contiguous()))
         return w_sel, off
 
-    def forward_rows(self, x, weight, bias, heads, A, v, row_ids, head_dim):
-        w_sel, off = self._prepared(weight, heads, v, head_dim)
-        return call_forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim, w_sel, off)
-
-    def backward_rows(self, dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv):
-        w_sel, _ = self._prepared(weight, heads, None, head_dim)
-        return call_backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA,
-                                  need_dv, w_sel)
 
 
 _CACHE = DerivedCache("cpp")

@@ -22,14 +22,14 @@ import torch
 
 from . import dispatch
 from ._cache import DerivedCache, build_detached, cacheable
-from .cpp_backend import call_backward, call_backward_rows, call_forward, call_forward_rows, native_ops
+from .cpp_backend import NativeRows, call_backward, call_forward, native_ops
 from .torch_backend import offset_rows
 
 # The decode GEMV's row limit (csrc/cuda/head_affine_kernels.cuh kDecodeMaxRows): no W_S is needed up to it.
 DECODE_MAX_ROWS = 16
 
 
-class CudaBackend:
+class CudaBackend(NativeRows):
     name = "cuda"
     device_types = frozenset({"cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
@@ -119,14 +119,6 @@ class CudaBackend:
                                        lambda: build_detached(lambda: offset_rows(w_sel, v).contiguous()))
         return w_sel, off
 
-    def forward_rows(self, x, weight, bias, heads, A, v, row_ids, head_dim):
-        w_sel, off = self._rows_prepared(weight, heads, v, head_dim)
-        return call_forward_rows(x, weight, bias, heads, A, v, row_ids, head_dim, w_sel, off)
-
-    def backward_rows(self, dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA, need_dv):
-        w_sel, _ = self._rows_prepared(weight, heads, None, head_dim)
-        return call_backward_rows(dy, x_sel, weight, heads, A, row_ids, head_dim, n_adapters, need_dx, need_dA,
-                                  need_dv, w_sel)
 
 
 BACKEND = CudaBackend()
