@@ -641,7 +641,8 @@ def train(
     mixed_precision: "no" (default), "bf16" or "fp16" (torch.autocast; fp16 adds a gradient scaler).
     loss_fn: for kind "sft", replaces the completion loss: loss_fn(model, batch) -> (mean loss of the batch,
     {name: float} metrics kept in the history); micro-batches are then weighted by their number of examples.
-    Each history row has step, epoch, lr, loss (the total), task_loss, l1 and, for DPO, the loss's metrics;
+    Each history row has step, epoch, lr, loss (the total), task_loss, l1, grad_norm (the gradient norm of
+    `params` before clipping; after unscaling with fp16) and, for DPO, the loss's metrics;
     with several processes or micro-batches every value is the global batch's.
     checkpoint_dir / checkpoint_every: every `checkpoint_every` optimizer steps (0: never) and after the last
     step, write to `checkpoint_dir` (rank 0 only) the trained parameters, the optimizer, scheduler and gradient
@@ -856,7 +857,9 @@ def train(
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 current_lr = optimizer.param_groups[0]["lr"]
                 if scaler is not None:
                     scaler.step(optimizer)
@@ -873,6 +876,7 @@ def train(
                     "loss": float(total.detach()),
                     "task_loss": float(step_task),
                     "l1": float(penalty.detach()) if l1 > 0 else 0.0,
+                    "grad_norm": float(grad_norm),
                     **metric_sums,
                 }
                 history.append(row)

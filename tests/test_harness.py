@@ -101,3 +101,29 @@ def test_lm_eval_judges_a_finished_run(model_dir, tmp_path):
         order = [sorted(row[k], key=lambda a: -row[k][a]) for k in ("lofit_fast", "lm_eval")]
         assert row["same_ordering"] == (order[0] == order[1])
     assert (out / "lm_eval.json").is_file() and "| mc2 | lofit |" in markdown(report)
+
+
+def test_lm_eval_judges_the_adapters_of_a_recipe_factorial(model_dir, tmp_path):
+    """bench/lm_eval_compare.py --factorial: every cell's adapter scored by lm-eval, its gain over lm-eval's base
+    beside the factorial's own gain over the base on the cell's prompt."""
+    from bench_scripts import load_bench
+    from lofit_fast.experiments.judge import lm_eval_factorial, markdown_factorial
+
+    out = tmp_path / "factorial"
+    factorial = load_bench("recipe_factorial")
+    assert factorial.main(["--data", str(DATA), "--model", str(model_dir), "--heads", "0:1,1:2", "--out", str(out),
+                           "--epochs", "1", "--batch-size", "2", "--threads", "1", "--quiet",
+                           "--cells", "official,plain"]) == 0
+    report = lm_eval_factorial(str(out), str(DATA), batch_size=4)
+    direct = evaluate(DATA, {"plain": str(out / "adapters" / "constant-noeos-newline_seed42")}, model=str(model_dir),
+                      tasks=["lofit_truthfulqa_mc1"], batch_size=4)
+    row = report["metrics"]["mc1"]
+    assert set(row["cells"]) == {"linear-eos-official_seed42", "constant-noeos-newline_seed42"}
+    plain = row["cells"]["constant-noeos-newline_seed42"]
+    assert plain["lm_eval"] == pytest.approx(direct["plain"]["lofit_truthfulqa_mc1"])
+    assert plain["lm_eval_gain"] == pytest.approx(plain["lm_eval"] - row["lm_eval_base"])
+    base = json.loads((out / "base_newline.json").read_text())["metrics"]["mc1"]
+    assert plain["lofit_fast_gain"] == pytest.approx(plain["lofit_fast"] - base)
+    assert (out / "lm_eval.json").is_file() and "| mc1 | base |" in markdown_factorial(report)
+    with pytest.raises(ValueError, match="no finished factorial cells"):
+        lm_eval_factorial(str(out), str(DATA), cells=["linear-noeos-newline"])

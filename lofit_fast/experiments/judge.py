@@ -7,9 +7,10 @@ Not imported by `lofit_fast.experiments` itself: lm-eval is heavy to import.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from .._files import atomic_write
 from ..harness import evaluate as lm_eval_scores
@@ -76,4 +77,67 @@ def markdown(report: dict) -> str:
         for name, gain in row["gains"].items():
             lines.append(f"| {metric} | {name} | {gain['lofit_fast']:+.4f} | {gain['lm_eval']:+.4f} |")
         lines.append(f"| {metric} | same ordering | {row['same_ordering']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def lm_eval_factorial(out: str, data: str, *, cells: Optional[Sequence[str]] = None, fold: int = 0,
+                      limit: Optional[int] = None, model: Optional[str] = None, batch_size: int = 8,
+                      backend: str = "auto", device: str = "cpu") -> dict:
+    """lm-eval's TruthfulQA MC1 / MC2 for the base model and each finished cell adapter of a recipe factorial
+    (`lofit_fast.experiments.factorial`, folder `out`; `cells`: cell names, default every finished one), beside
+    the factorial's own numbers: each cell's gain over the base model by both judges and whether they rank the
+    cells the same way. Written to out/lm_eval.json."""
+    records = {}
+    for path in sorted(glob.glob(os.path.join(out, "cells", "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        name = f"{record['cell']}_seed{record['seed']}"
+        if cells is None or record["cell"] in cells or name in cells:
+            records[name] = record
+    if not records:
+        raise ValueError(f"{out}: no finished factorial cells" + (f" among {list(cells)}" if cells else ""))
+    adapters: Dict[str, Optional[str]] = {"base": None}
+    for name in records:
+        adapters[name] = os.path.join(out, "adapters", name)
+        if not os.path.isdir(adapters[name]):
+            raise ValueError(f"{adapters[name]}: the adapter of cell {name} is missing")
+    bases = {}
+    for style in ("official", "newline"):
+        path = os.path.join(out, f"base_{style}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                bases[style] = json.load(f)["metrics"]
+    tasks = TASK_METRICS["truthfulqa"]
+    first = next(iter(records.values()))
+    hyper = first["hyperparameters"]
+    model = model or first.get("model", "smollm2")
+    table = lm_eval_scores(data, adapters, tasks=list(tasks.values()), model=model, fold=hyper.get("fold", fold),
+                           limit=limit if limit is not None else hyper.get("max_eval"),
+                           batch_size=batch_size, backend=backend, device=device)
+    report = {"factorial": str(out), "model": model, "eval_examples": first["eval_examples"], "metrics": {}}
+    for metric, lm_task in tasks.items():
+        ours = {name: r["metrics"][metric] - bases[r["prompt_style"]][metric] for name, r in records.items()
+                if r["prompt_style"] in bases}
+        theirs = {name: table[name][lm_task] - table["base"][lm_task] for name in records}
+        report["metrics"][metric] = {
+            "lm_eval_task": lm_task, "lm_eval_base": table["base"][lm_task],
+            "cells": {name: {"lofit_fast": records[name]["metrics"][metric], "lofit_fast_gain": ours.get(name),
+                             "lm_eval": table[name][lm_task], "lm_eval_gain": theirs[name]} for name in records},
+            "same_ordering": _ordering(ours) == _ordering({n: theirs[n] for n in ours}),
+        }
+    atomic_write(os.path.join(out, "lm_eval.json"), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def markdown_factorial(report: dict) -> str:
+    """lm_eval_factorial's report as a markdown table (one row per metric and cell)."""
+    lines = [f"TruthfulQA ({report['eval_examples']} items), model {report['model']}", "",
+             "| metric | cell | lofit_fast | gain over base | lm-eval | gain over base |", "|---|---|---|---|---|---|"]
+    for metric, row in report["metrics"].items():
+        lines.append(f"| {metric} | base | | | {row['lm_eval_base']:.4f} | |")
+        for name, c in row["cells"].items():
+            gain = "–" if c["lofit_fast_gain"] is None else f"{c['lofit_fast_gain']:+.4f}"
+            lines.append(f"| {metric} | {name} | {c['lofit_fast']:.4f} | {gain} | {c['lm_eval']:.4f} | "
+                         f"{c['lm_eval_gain']:+.4f} |")
+        lines.append(f"| {metric} | same ordering of the cells | {row['same_ordering']} | | | |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,252 @@
+"""The recipe factorial (issue 16): LoFiT step 2 on fixed heads under every combination of the three choices
+that implementations make differently — learning-rate schedule (linear decay / constant), EOS appended to the
+training completions (yes / no) and the TruthfulQA prompt (`Q: {q} A:` / `Q: {q}\\nA:`) — so that each
+choice's effect is measured with the heads held fixed. Clipping is one fixed value for every cell.
+
+    records = run_factorial(settings, train_items, eval_items, heads, cells=all_cells(), seeds=[42], out=DIR)
+
+Every (cell, seed) writes its adapter to DIR/adapters/<cell>_seed<seed>/ and its record to
+DIR/cells/<cell>_seed<seed>.json when it finishes, and is skipped when that record is there, so parallel processes can split the cells and an interrupted factorial resumes. The base model is
+evaluated once per prompt (DIR/base_<prompt>.json). `report(DIR)` reads whatever cells are there and gives the
+table, the main effects (mean over the cells at one level minus the mean at the other) and the paired
+interval of each cell against the base model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import itertools
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+from .._files import atomic_write
+from ..adapter import save_adapter
+from ..eval import paired_bootstrap
+from ..patch import unpatch
+from .lofit_run import evaluate_arm, tune_heads
+from .recipes import RECIPES, with_prompt_style
+from .results import write_json
+from .settings import RunSettings, hyperparameters, load_model_for, log
+
+FACTORS = {"schedule": ("linear", "constant"), "add_eos": (True, False), "prompt_style": ("official", "newline")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    schedule: str
+    add_eos: bool
+    prompt_style: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.schedule}-{'eos' if self.add_eos else 'noeos'}-{self.prompt_style}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Cell":
+        """A cell from its name (`linear-eos-official`) or a recipe's (`official`, `plain`)."""
+        if name in RECIPES:
+            recipe = RECIPES[name]
+            return cls(recipe["schedule"], recipe["add_eos"], recipe["prompt_style"])
+        parts = name.split("-")
+        if (len(parts) != 3 or parts[0] not in FACTORS["schedule"] or parts[1] not in ("eos", "noeos")
+                or parts[2] not in FACTORS["prompt_style"]):
+            raise ValueError(f"unknown cell {name!r}: expected a recipe ({', '.join(RECIPES)}) or "
+                             "<linear|constant>-<eos|noeos>-<official|newline>")
+        return cls(parts[0], parts[1] == "eos", parts[2])
+
+
+def all_cells() -> List[Cell]:
+    """The 2 × 2 × 2 cells: the two recipes first, then each recipe with one choice flipped."""
+    cells = [Cell.parse("official"), Cell.parse("plain")]
+    for start in list(cells):
+        for factor, levels in FACTORS.items():
+            flipped = levels[1] if getattr(start, factor) == levels[0] else levels[0]
+            cells.append(dataclasses.replace(start, **{factor: flipped}))
+    every = {Cell(*combo) for combo in itertools.product(*FACTORS.values())}
+    assert set(cells) == every and len(cells) == len(every)
+    return cells
+
+
+def _read(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _base(settings, model, tokenizer, eval_items, prompt_style: str, out: str) -> dict:
+    path = os.path.join(out, f"base_{prompt_style}.json")
+    known = _read(path)
+    if known is not None and known.get("eval_examples") == len(eval_items):
+        return known
+    items = with_prompt_style(eval_items, prompt_style)
+    start = time.perf_counter()
+    scores: Dict[str, List[float]] = {}
+    metrics = evaluate_arm(settings, model, tokenizer, items, f"the base model ({prompt_style} prompt)",
+                           item_scores=scores)
+    record = {"prompt_style": prompt_style, "metrics": metrics, "item_scores": scores,
+              "eval_examples": len(items), "seconds": round(time.perf_counter() - start, 1)}
+    write_json(path, record)
+    return record
+
+
+def run_cell(settings, model, tokenizer, train_items, eval_items, heads, cell: Cell, seed: int, out: str) -> dict:
+    """Step 2 on `heads` with the cell's choices and `seed`, evaluated with the cell's prompt; the record is
+    written to out/cells/<cell>_seed<seed>.json (and returned from there when it is already written)."""
+    path = os.path.join(out, "cells", f"{cell.name}_seed{seed}.json")
+    known = _read(path)
+    if known is not None and known.get("eval_examples") == len(eval_items):
+        log(settings, f"cell {cell.name} seed {seed}: done before ({path})")
+        return known
+    one = dataclasses.replace(settings, seed=seed, schedule=cell.schedule, add_eos=cell.add_eos,
+                              prompt_style=cell.prompt_style)
+    train = with_prompt_style(train_items, cell.prompt_style)
+    items = with_prompt_style(eval_items, cell.prompt_style)
+    log(settings, f"cell {cell.name} seed {seed}: tuning v on {len(heads)} heads ...")
+    start = time.perf_counter()
+    tuned, history = tune_heads(one, model, tokenizer, train, heads, f"{cell.name} seed {seed}")
+    train_seconds = time.perf_counter() - start
+    try:
+        save_adapter(tuned, os.path.join(out, "adapters", f"{cell.name}_seed{seed}"), method="lofit",
+                     hyperparameters=hyperparameters(one))
+        start = time.perf_counter()
+        scores: Dict[str, List[float]] = {}
+        metrics = evaluate_arm(one, tuned, tokenizer, items, f"cell {cell.name}", item_scores=scores)
+        eval_seconds = time.perf_counter() - start
+    finally:
+        unpatch(tuned)
+    rows = history["history"]
+    norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    clip = settings.max_grad_norm or None
+    record = {
+        "cell": cell.name, **dataclasses.asdict(cell), "seed": seed, "model": settings.model, "metrics": metrics,
+        "heads": [list(h) for h in heads], "eval_examples": len(items), "train_examples": len(train),
+        "epoch_loss": history["epoch_loss"], "steps": len(rows),
+        "grad_norm": {"first": norms[0], "max": max(norms), "median": sorted(norms)[len(norms) // 2]} if norms else None,
+        "clipped_steps": sum(n > clip for n in norms) if clip and norms else 0,
+        "seconds": {"train": round(train_seconds, 1), "eval": round(eval_seconds, 1)},
+        "hyperparameters": hyperparameters(one), "item_scores": scores,
+    }
+    write_json(path, record)
+    return record
+
+
+def run_factorial(settings, train_items: Sequence, eval_items: Sequence, heads, *, cells: Sequence[Cell],
+                  seeds: Sequence[int], out: str, model=None, tokenizer=None) -> List[dict]:
+    """Every cell × seed (skipping the ones already written under `out`), then the report in out/."""
+    settings = RunSettings.of(settings)
+    if model is None:
+        model, tokenizer = load_model_for(settings)
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    records = []
+    for style in sorted({c.prompt_style for c in cells}):
+        _base(settings, model, tokenizer, eval_items, style, out)
+    for cell in cells:
+        for seed in seeds:
+            records.append(run_cell(settings, model, tokenizer, train_items, eval_items, heads, cell, int(seed), out))
+    write_report(out)
+    return records
+
+
+def _mean_std(values: List[float]) -> Dict[str, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def report(out: str) -> dict:
+    """The factorial so far: per cell the mean ± std over its seeds with the paired interval against the base
+    model on the same prompt, and each factor's main effect over the cells that have both levels' partners."""
+    records = [r for r in (_read(p) for p in sorted(glob.glob(os.path.join(out, "cells", "*.json")))) if r]
+    bases = {s: _read(os.path.join(out, f"base_{s}.json")) for s in FACTORS["prompt_style"]}
+    by_cell: Dict[str, List[dict]] = {}
+    for r in records:
+        by_cell.setdefault(r["cell"], []).append(r)
+    cells = {}
+    for name, rows in by_cell.items():
+        cell = Cell.parse(name)
+        metrics = rows[0]["metrics"].keys()
+        entry = {**dataclasses.asdict(cell), "seeds": [r["seed"] for r in rows],
+                 "metrics": {m: _mean_std([r["metrics"][m] for r in rows]) for m in metrics},
+                 "train_seconds": _mean_std([r["seconds"]["train"] for r in rows])["mean"],
+                 "eval_seconds": _mean_std([r["seconds"]["eval"] for r in rows])["mean"],
+                 "final_epoch_loss": _mean_std([r["epoch_loss"][-1] for r in rows])["mean"],
+                 "clipped_steps": sum(r.get("clipped_steps", 0) for r in rows),
+                 "steps": sum(r.get("steps", 0) for r in rows)}
+        base = bases.get(cell.prompt_style)
+        if base is not None:
+            entry["vs_base"] = {}
+            for m in metrics:
+                per_item = [sum(r["item_scores"][m][i] for r in rows) / len(rows)
+                            for i in range(len(rows[0]["item_scores"][m]))]
+                if len(per_item) == len(base["item_scores"][m]):
+                    entry["vs_base"][m] = paired_bootstrap(per_item, base["item_scores"][m], samples=5000)
+        cells[name] = entry
+    base_metrics = {s: b["metrics"] for s, b in bases.items() if b is not None}
+    effects = {}
+    for factor, (first, second) in FACTORS.items():
+        pairs = []
+        for name, entry in cells.items():
+            if entry[factor] != first:
+                continue
+            partner = dataclasses.replace(Cell.parse(name), **{factor: second}).name
+            if partner in cells:
+                pairs.append((entry, cells[partner]))
+        if pairs:
+            metrics = list(pairs[0][0]["metrics"])
+            effects[factor] = {
+                "levels": [first, second], "pairs": len(pairs),
+                **{m: _mean_std([b["metrics"][m]["mean"] - a["metrics"][m]["mean"] for a, b in pairs])
+                   for m in metrics},
+            }
+            if all(base_metrics.get(c["prompt_style"]) for pair in pairs for c in pair):
+                # the effect on the gain over the base model on the same prompt (the prompt moves the base too)
+                effects[factor].update({f"{m}_gain": _mean_std([
+                    (b["metrics"][m]["mean"] - base_metrics[b["prompt_style"]][m])
+                    - (a["metrics"][m]["mean"] - base_metrics[a["prompt_style"]][m]) for a, b in pairs])
+                    for m in metrics})
+    return {"cells": cells, "main_effects": effects, "base": base_metrics}
+
+
+def _fmt(stat: dict) -> str:
+    return f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat.get("n", 1) > 1 else "")
+
+
+def markdown(rep: dict) -> str:
+    """The report as a Markdown table (cells ranked by MC1) with the main effects under it."""
+    lines = ["| schedule | EOS | prompt | seeds | MC1 | MC2 | MC1 − base [95% CI] | MC2 − base [95% CI] "
+             "| last epoch loss | clipped steps | train s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(rep["cells"].items(), key=lambda kv: -kv[1]["metrics"].get("mc1", {"mean": 0})["mean"])
+    for name, c in order:
+        ci = []
+        for m in ("mc1", "mc2"):
+            b = c.get("vs_base", {}).get(m)
+            ci.append(f"{b['mean_diff']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]" if b else "–")
+        lines.append(f"| {c['schedule']} | {'yes' if c['add_eos'] else 'no'} | {c['prompt_style']} | "
+                     f"{len(c['seeds'])} | {_fmt(c['metrics']['mc1'])} | {_fmt(c['metrics']['mc2'])} | {ci[0]} | "
+                     f"{ci[1]} | {c['final_epoch_loss']:.4f} | {c['clipped_steps']}/{c['steps']} | "
+                     f"{c['train_seconds']:.0f} | {c['eval_seconds']:.0f} |")
+    if rep["base"]:
+        lines += ["", "| base, prompt | MC1 | MC2 |", "|---|---|---|"]
+        lines += [f"| {s} | {m['mc1']:.3f} | {m['mc2']:.3f} |" for s, m in rep["base"].items()]
+    if rep["main_effects"]:
+        lines += ["", "| main effect (second level − first) | cell pairs | MC1 | MC2 | MC1 gain over base "
+                  "| MC2 gain over base |", "|---|---|---|---|---|---|"]
+        for factor, e in rep["main_effects"].items():
+            gains = [f"{e[m + '_gain']['mean']:+.3f}" if m + "_gain" in e else "–" for m in ("mc1", "mc2")]
+            lines.append(f"| {factor}: {e['levels'][1]} − {e['levels'][0]} | {e['pairs']} | "
+                         f"{e['mc1']['mean']:+.3f} | {e['mc2']['mean']:+.3f} | {gains[0]} | {gains[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str) -> dict:
+    """report(out) written as out/factorial.json and out/factorial.md."""
+    rep = report(out)
+    write_json(os.path.join(out, "factorial.json"), rep)
+    atomic_write(os.path.join(out, "factorial.md"), markdown(rep))
+    return rep
