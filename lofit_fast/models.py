@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -71,6 +72,90 @@ def resolve_model_path(name: str) -> Tuple[Path, Optional[str]]:
         f"model {name!r} is neither a known short name ({', '.join(PACKAGED_MODELS)}), a .gguf file, "
         f"nor a local HF model directory with a config.json"
     )
+
+
+CACHE_ENV = "LOFIT_FAST_CACHE"
+CACHE_FORMAT = 1  # bump when what a cached conversion holds changes
+_COMPLETE = "lofit_fast_converted.json"
+
+
+def converted_dir(gguf: Path) -> Optional[Path]:
+    """Where the float32 HF conversion of a GGUF file is cached: $LOFIT_FAST_CACHE (default
+    ~/.cache/lofit_fast/converted; "off" disables the cache), one folder per GGUF file, size, modification
+    time and transformers version."""
+    import hashlib
+
+    import transformers
+
+    root = os.environ.get(CACHE_ENV, "")
+    if root.lower() in ("off", "0", "none", "false"):
+        return None
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lofit_fast", "converted")
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{CACHE_FORMAT}"
+    return Path(root) / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_pretrained(directory: Path, gguf: Optional[str], dtype, attn_implementation, progress: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(local_files_only=True)
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    with _progress_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    if gguf is not None:
+        # transformers dequantizes GGUF weights to plain floats but keeps the GGUF quantizer mark, which makes
+        # `transformers.Trainer` ("purely quantized models") and `save_pretrained` refuse the model.
+        drop_dequantized_gguf_marker(model)
+    return model, tokenizer
+
+
+def _cached_conversion(directory: Path, gguf: str, attn_implementation, progress: bool) -> Optional[Path]:
+    """The cached HF folder of a GGUF file, converted now (float32, written to a temporary folder and renamed,
+    so a killed or concurrent conversion never leaves a half folder in place) when it is not there yet. None
+    when the cache is off or cannot be written (the caller then reads the GGUF file itself)."""
+    import shutil
+    import tempfile
+    import warnings
+
+    target = converted_dir(directory / gguf)
+    if target is None:
+        return None
+    if (target / _COMPLETE).is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        warnings.warn(f"lofit_fast: cannot write the model cache under {target.parent} ({e}); reading "
+                      f"{gguf} directly (set {CACHE_ENV}=off to skip the cache)")
+        return None
+    try:
+        model, tokenizer = _load_pretrained(directory, gguf, torch.float32, attn_implementation, progress)
+        with _progress_bars(False):
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"gguf": str((directory / gguf).resolve()), "format": CACHE_FORMAT}))
+        del model
+        if target.exists() and not (target / _COMPLETE).is_file():
+            shutil.rmtree(target)  # the leftover of something else: conversions only ever rename finished folders
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _COMPLETE).is_file():  # not another process's finished conversion: a real error
+                raise
+    except OSError as e:
+        warnings.warn(f"lofit_fast: could not cache the conversion of {gguf} in {target} ({e}); reading it "
+                      "directly")
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 QUANTIZE = ("int8", "int4")
@@ -195,28 +280,24 @@ def load_model(
     progress=False hides the loading bars (transformers' GGUF de-quantization bar is a plain tqdm).
 
     A GGUF model comes back as a plain float model (its weights are dequantized on load, and the GGUF
-    quantizer mark is dropped), so `transformers.Trainer` and `save_pretrained` accept it.
+    quantizer mark is dropped), so `transformers.Trainer` and `save_pretrained` accept it. The first load of a
+    GGUF file caches its float32 conversion as an HF folder (`converted_dir`; reading a GGUF file through
+    transformers takes about 30 s of CPU for SmolLM2, the cached folder about 1 s); later loads read that
+    folder and give the same weights and tokenizer. LOFIT_FAST_CACHE=off reads the GGUF file every time.
     quantize: None (default), "int8" or "int4": a weight-only quantized frozen base (`quantize_base`), the
     QLoRA analogue for LoFiT."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE} (or None), got {quantize!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     directory, gguf = resolve_model_path(name)
-    kwargs = dict(local_files_only=True)
-    if gguf is not None:
-        kwargs["gguf_file"] = gguf
-    with _progress_bars(progress):
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
+    cached = None if gguf is None else _cached_conversion(directory, gguf, attn_implementation, progress)
+    if cached is not None:
+        model, tokenizer = _load_pretrained(cached, None, dtype, attn_implementation, progress)
+        # the names a direct GGUF load gives (adapters record them; export checks them)
+        model.config._name_or_path = model.name_or_path = tokenizer.name_or_path = str(directory)
+    else:
+        model, tokenizer = _load_pretrained(directory, gguf, dtype, attn_implementation, progress)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if gguf is not None:
-        # transformers dequantizes GGUF weights to plain floats but keeps the GGUF quantizer mark, which makes
-        # `transformers.Trainer` ("purely quantized models") and `save_pretrained` refuse the model.
-        drop_dequantized_gguf_marker(model)
     model.to(device)
     if quantize is not None:
         quantize_base(model, quantize)

@@ -90,6 +90,7 @@ def test_factorial_cells_train_with_their_choices_and_resume(tmp_path):
     assert schedule["pairs"] == 1
     want = cells["constant-eos-official"]["metrics"]["mc2"]["mean"] - cells["linear-eos-official"]["metrics"]["mc2"]["mean"]
     assert schedule["mc2"]["mean"] == pytest.approx(want)
+    assert schedule["paired"]["mc2"]["mean_diff"] == pytest.approx(want)  # the metric is the mean over items
     prompt = rep["main_effects"]["prompt_style"]
     gain = (cells["linear-eos-newline"]["metrics"]["mc1"]["mean"] - base["newline"]["mc1"]) - \
         (cells["linear-eos-official"]["metrics"]["mc1"]["mean"] - base["official"]["mc1"])

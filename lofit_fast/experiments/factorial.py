@@ -17,7 +17,6 @@ import dataclasses
 import glob
 import itertools
 import json
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -29,6 +28,7 @@ from ..patch import unpatch
 from .lofit_run import evaluate_arm, tune_heads
 from .recipes import RECIPES, with_prompt_style
 from .results import write_json
+from .seeds import mean_std
 from .settings import RunSettings, hyperparameters, load_model_for, log
 
 FACTORS = {"schedule": ("linear", "constant"), "add_eos": (True, False), "prompt_style": ("official", "newline")}
@@ -152,12 +152,6 @@ def run_factorial(settings, train_items: Sequence, eval_items: Sequence, heads, 
     return records
 
 
-def _mean_std(values: List[float]) -> Dict[str, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(values)}
-
-
 def report(out: str) -> dict:
     """The factorial so far: per cell the mean ± std over its seeds with the paired interval against the base
     model on the same prompt, and each factor's main effect over the cells that have both levels' partners."""
@@ -167,53 +161,58 @@ def report(out: str) -> dict:
     for r in records:
         by_cell.setdefault(r["cell"], []).append(r)
     cells = {}
+    # per cell and metric, each item's score averaged over the cell's seeds
+    items = {name: {m: [sum(r["item_scores"][m][i] for r in rows) / len(rows)
+                        for i in range(len(rows[0]["item_scores"][m]))] for m in rows[0]["metrics"]}
+             for name, rows in by_cell.items()}
     for name, rows in by_cell.items():
         cell = Cell.parse(name)
         metrics = rows[0]["metrics"].keys()
         entry = {**dataclasses.asdict(cell), "seeds": [r["seed"] for r in rows],
-                 "metrics": {m: _mean_std([r["metrics"][m] for r in rows]) for m in metrics},
-                 "train_seconds": _mean_std([r["seconds"]["train"] for r in rows])["mean"],
-                 "eval_seconds": _mean_std([r["seconds"]["eval"] for r in rows])["mean"],
-                 "final_epoch_loss": _mean_std([r["epoch_loss"][-1] for r in rows])["mean"],
+                 "metrics": {m: mean_std([r["metrics"][m] for r in rows]) for m in metrics},
+                 "train_seconds": mean_std([r["seconds"]["train"] for r in rows])["mean"],
+                 "eval_seconds": mean_std([r["seconds"]["eval"] for r in rows])["mean"],
+                 "final_epoch_loss": mean_std([r["epoch_loss"][-1] for r in rows])["mean"],
                  "clipped_steps": sum(r.get("clipped_steps", 0) for r in rows),
                  "steps": sum(r.get("steps", 0) for r in rows)}
         base = bases.get(cell.prompt_style)
         if base is not None:
             entry["vs_base"] = {}
             for m in metrics:
-                per_item = [sum(r["item_scores"][m][i] for r in rows) / len(rows)
-                            for i in range(len(rows[0]["item_scores"][m]))]
-                if len(per_item) == len(base["item_scores"][m]):
-                    entry["vs_base"][m] = paired_bootstrap(per_item, base["item_scores"][m], samples=5000)
+                if len(items[name][m]) == len(base["item_scores"][m]):
+                    entry["vs_base"][m] = paired_bootstrap(items[name][m], base["item_scores"][m], samples=5000)
         cells[name] = entry
     base_metrics = {s: b["metrics"] for s, b in bases.items() if b is not None}
     effects = {}
     for factor, (first, second) in FACTORS.items():
-        pairs = []
+        names = []  # (cell at the first level, its partner at the second), both finished
         for name, entry in cells.items():
-            if entry[factor] != first:
-                continue
             partner = dataclasses.replace(Cell.parse(name), **{factor: second}).name
-            if partner in cells:
-                pairs.append((entry, cells[partner]))
-        if pairs:
-            metrics = list(pairs[0][0]["metrics"])
-            effects[factor] = {
-                "levels": [first, second], "pairs": len(pairs),
-                **{m: _mean_std([b["metrics"][m]["mean"] - a["metrics"][m]["mean"] for a, b in pairs])
-                   for m in metrics},
-            }
-            if all(base_metrics.get(c["prompt_style"]) for pair in pairs for c in pair):
+            if entry[factor] == first and partner in cells:
+                names.append((name, partner))
+        if not names:
+            continue
+        metrics = list(cells[names[0][0]]["metrics"])
+        effect = {"levels": [first, second], "pairs": len(names), "paired": {}}
+        for m in metrics:
+            effect[m] = mean_std([cells[b]["metrics"][m]["mean"] - cells[a]["metrics"][m]["mean"] for a, b in names])
+            # its paired interval over items: per item, the mean over the pairs of (second − first)
+            n = len(items[names[0][0]][m])
+            if all(len(items[x][m]) == n for pair in names for x in pair):
+                effect["paired"][m] = paired_bootstrap(
+                    [sum(items[b][m][i] for _, b in names) / len(names) for i in range(n)],
+                    [sum(items[a][m][i] for a, _ in names) / len(names) for i in range(n)], samples=5000)
+            if all(cells[x]["prompt_style"] in base_metrics for pair in names for x in pair):
                 # the effect on the gain over the base model on the same prompt (the prompt moves the base too)
-                effects[factor].update({f"{m}_gain": _mean_std([
-                    (b["metrics"][m]["mean"] - base_metrics[b["prompt_style"]][m])
-                    - (a["metrics"][m]["mean"] - base_metrics[a["prompt_style"]][m]) for a, b in pairs])
-                    for m in metrics})
+                effect[f"{m}_gain"] = mean_std([
+                    (cells[b]["metrics"][m]["mean"] - base_metrics[cells[b]["prompt_style"]][m])
+                    - (cells[a]["metrics"][m]["mean"] - base_metrics[cells[a]["prompt_style"]][m]) for a, b in names])
+        effects[factor] = effect
     return {"cells": cells, "main_effects": effects, "base": base_metrics}
 
 
 def _fmt(stat: dict) -> str:
-    return f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat.get("n", 1) > 1 else "")
+    return f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if len(stat["values"]) > 1 else "")
 
 
 def markdown(rep: dict) -> str:
@@ -235,12 +234,16 @@ def markdown(rep: dict) -> str:
         lines += ["", "| base, prompt | MC1 | MC2 |", "|---|---|---|"]
         lines += [f"| {s} | {m['mc1']:.3f} | {m['mc2']:.3f} |" for s, m in rep["base"].items()]
     if rep["main_effects"]:
-        lines += ["", "| main effect (second level − first) | cell pairs | MC1 | MC2 | MC1 gain over base "
-                  "| MC2 gain over base |", "|---|---|---|---|---|---|"]
+        lines += ["", "| main effect (second level − first) | cell pairs | MC1 [paired 95% CI] | MC2 [paired 95% CI] "
+                  "| MC1 gain over base | MC2 gain over base |", "|---|---|---|---|---|---|"]
         for factor, e in rep["main_effects"].items():
             gains = [f"{e[m + '_gain']['mean']:+.3f}" if m + "_gain" in e else "–" for m in ("mc1", "mc2")]
+            shown = []
+            for m in ("mc1", "mc2"):
+                b = e["paired"].get(m)
+                shown.append(f"{e[m]['mean']:+.3f}" + (f" [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]" if b else ""))
             lines.append(f"| {factor}: {e['levels'][1]} − {e['levels'][0]} | {e['pairs']} | "
-                         f"{e['mc1']['mean']:+.3f} | {e['mc2']['mean']:+.3f} | {gains[0]} | {gains[1]} |")
+                         f"{shown[0]} | {shown[1]} | {gains[0]} | {gains[1]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ from .settings import RunSettings, load_model_for, log
 ARMS = ("base", "lofit", "random")
 
 
-def _mean_std(values: List[float]) -> Dict[str, object]:
+def mean_std(values: List[float]) -> Dict[str, object]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values}
@@ -24,7 +24,7 @@ def _mean_std(values: List[float]) -> Dict[str, object]:
 
 def summarize(runs: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, object]]]:
     """{arm: {metric: {"mean", "std" (sample, n − 1), "values" per seed}}} over the runs' results."""
-    return {arm: {metric: _mean_std([float(r[arm][metric]) for r in runs]) for metric in runs[0][arm]}
+    return {arm: {metric: mean_std([float(r[arm][metric]) for r in runs]) for metric in runs[0][arm]}
             for arm in ARMS}
 
 
@@ -53,7 +53,7 @@ def run_seeds(settings, train_items: Sequence, eval_items: Sequence, seeds: Sequ
         gains[f"lofit_minus_{other}"] = {}
         for metric in summary["lofit"]:
             diffs = [float(r["lofit"][metric]) - float(r[other][metric]) for r in runs]
-            row = _mean_std(diffs)
+            row = mean_std(diffs)
             row["beyond_spread"] = bool(len(diffs) > 1 and row["mean"] > row["std"])
             gains[f"lofit_minus_{other}"][metric] = row
     report = {"task": settings.task, "model": settings.model, "k": runs[0]["k"], "seeds": seeds,
