@@ -97,6 +97,8 @@ def test_factorial_cells_train_with_their_choices_and_resume(tmp_path):
     assert prompt["mc1_gain"]["mean"] == pytest.approx(gain)
     assert "add_eos" not in rep["main_effects"]  # no cell pair differs in EOS alone
     assert set(cells["linear-eos-official"]["vs_base"]) == {"mc1", "mc2"}
+    assert records["linear-eos-official"]["hyperparameters"]["recipe"] == "linear-eos-official"
+    assert rep["recipes"] == {}  # the plain recipe's cell is not there
 
     # a finished cell is not trained again; a tiny clipping norm clips every step of a new cell
     stamps = {f.name: f.stat().st_mtime_ns for f in files}

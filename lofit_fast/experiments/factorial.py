@@ -112,7 +112,7 @@ def run_cell(settings, model, tokenizer, train_items, eval_items, heads, cell: C
     train_seconds = time.perf_counter() - start
     try:
         save_adapter(tuned, os.path.join(out, "adapters", f"{cell.name}_seed{seed}"), method="lofit",
-                     hyperparameters=hyperparameters(one))
+                     hyperparameters={**hyperparameters(one), "recipe": cell.name})
         start = time.perf_counter()
         scores: Dict[str, List[float]] = {}
         metrics = evaluate_arm(one, tuned, tokenizer, items, f"cell {cell.name}", item_scores=scores)
@@ -129,7 +129,7 @@ def run_cell(settings, model, tokenizer, train_items, eval_items, heads, cell: C
         "grad_norm": {"first": norms[0], "max": max(norms), "median": sorted(norms)[len(norms) // 2]} if norms else None,
         "clipped_steps": sum(n > clip for n in norms) if clip and norms else 0,
         "seconds": {"train": round(train_seconds, 1), "eval": round(eval_seconds, 1)},
-        "hyperparameters": hyperparameters(one), "item_scores": scores,
+        "hyperparameters": {**hyperparameters(one), "recipe": cell.name}, "item_scores": scores,
     }
     write_json(path, record)
     return record
@@ -208,7 +208,12 @@ def report(out: str) -> dict:
                     (cells[b]["metrics"][m]["mean"] - base_metrics[cells[b]["prompt_style"]][m])
                     - (cells[a]["metrics"][m]["mean"] - base_metrics[cells[a]["prompt_style"]][m]) for a, b in names])
         effects[factor] = effect
-    return {"cells": cells, "main_effects": effects, "base": base_metrics}
+    recipes = {}
+    official, plain = (Cell.parse(r).name for r in ("official", "plain"))
+    if official in items and plain in items:
+        recipes["plain - official"] = {m: paired_bootstrap(items[plain][m], items[official][m], samples=5000)
+                                       for m in items[official] if len(items[official][m]) == len(items[plain][m])}
+    return {"cells": cells, "main_effects": effects, "recipes": recipes, "base": base_metrics}
 
 
 def _fmt(stat: dict) -> str:
@@ -233,6 +238,10 @@ def markdown(rep: dict) -> str:
     if rep["base"]:
         lines += ["", "| base, prompt | MC1 | MC2 |", "|---|---|---|"]
         lines += [f"| {s} | {m['mc1']:.3f} | {m['mc2']:.3f} |" for s, m in rep["base"].items()]
+    for name, comparison in rep.get("recipes", {}).items():
+        shown = [f"{m.upper()} {b['mean_diff']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]"
+                 for m, b in comparison.items()]
+        lines += ["", f"Recipes, {name} (paired over items, 95% CI): " + ", ".join(shown)]
     if rep["main_effects"]:
         lines += ["", "| main effect (second level − first) | cell pairs | MC1 [paired 95% CI] | MC2 [paired 95% CI] "
                   "| MC1 gain over base | MC2 gain over base |", "|---|---|---|---|---|---|"]
