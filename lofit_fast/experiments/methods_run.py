@@ -276,8 +276,9 @@ def run_method_experiment(settings, train_items: Sequence, eval_items: Sequence)
     base = evaluate_arm(settings, model, tokenizer, eval_items, "the base model")
     eval_base = round(time.perf_counter() - t, 1)
     log(settings, f"{settings.method}: fitting on {len(train_items)} {settings.task} examples ...")
-    kw = {key: getattr(settings, key) for key in ("epochs", "batch_size", "lr", "seed", "beta", "max_grad_norm",
-                                                  "max_length", "eval_batch_size", "k", "init_std")}
+    kw = {key: getattr(settings, key) for key in ("epochs", "batch_size", "lr", "seed", "beta", "max_length",
+                                                  "eval_batch_size", "k", "init_std")}
+    kw["max_grad_norm"] = settings.max_grad_norm or None  # 0: no clipping (the plain recipe)
     row = run_method(settings.method, model, tokenizer, settings.task, train_items, eval_items,
                      progress=not settings.quiet, out=os.path.join(settings.out, "artifacts"), **kw)
     results = {
