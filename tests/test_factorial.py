@@ -102,9 +102,18 @@ def test_factorial_cells_train_with_their_choices_and_resume(tmp_path):
 
     # a finished cell is not trained again; a tiny clipping norm clips every step of a new cell
     stamps = {f.name: f.stat().st_mtime_ns for f in files}
-    assert factorial.main(args[:-1] + ["official,linear-noeos-official", "--max-grad-norm", "1e-9"]) == 0
+    assert factorial.main(args[:-1] + ["official,linear-noeos-official"]) == 0
     assert all((out / "cells" / name).stat().st_mtime_ns == t for name, t in stamps.items())
-    new = json.loads((out / "cells" / "linear-noeos-official_seed42.json").read_text())
+    clipped = tmp_path / "clipped"
+    assert factorial.main([a if a != str(out) else str(clipped) for a in args[:-1]]
+                          + ["linear-noeos-official", "--max-grad-norm", "1e-9"]) == 0
+    new = json.loads((clipped / "cells" / "linear-noeos-official_seed42.json").read_text())
     assert new["clipped_steps"] == new["steps"]
     assert report(str(out))["main_effects"]["add_eos"]["pairs"] == 1
+    # a finished cell trained with other settings is refused, not reused or overwritten
+    with pytest.raises(ValueError, match=r"epochs: 2 there, 3 now"):
+        factorial.main(args[:-1] + ["official", "--epochs", "3"])
+    with pytest.raises(ValueError, match=r"heads: \[\[0, 1\], \[1, 3\]\] there"):
+        factorial.main([a if a != "0:1,1:3" else "0:2,1:3" for a in args[:-1]] + ["official"])
+    assert all((out / "cells" / name).stat().st_mtime_ns == t for name, t in stamps.items())
     assert (out / "factorial.md").read_text().count("\n| ") >= 4

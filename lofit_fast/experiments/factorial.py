@@ -32,6 +32,9 @@ from .seeds import mean_std
 from .settings import RunSettings, hyperparameters, load_model_for, log
 
 FACTORS = {"schedule": ("linear", "constant"), "add_eos": (True, False), "prompt_style": ("official", "newline")}
+# the settings a finished cell must share with the factorial's to be reused
+SAME = ("epochs", "batch_size", "lr", "init_std", "beta", "max_grad_norm", "max_length", "fold", "dtype",
+        "quantize", "grad_accum", "mixed_precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +101,22 @@ def run_cell(settings, model, tokenizer, train_items, eval_items, heads, cell: C
     """Step 2 on `heads` with the cell's choices and `seed`, evaluated with the cell's prompt; the record is
     written to out/cells/<cell>_seed<seed>.json (and returned from there when it is already written)."""
     path = os.path.join(out, "cells", f"{cell.name}_seed{seed}.json")
-    known = _read(path)
-    if known is not None and known.get("eval_examples") == len(eval_items):
-        log(settings, f"cell {cell.name} seed {seed}: done before ({path})")
-        return known
     one = dataclasses.replace(settings, seed=seed, schedule=cell.schedule, add_eos=cell.add_eos,
                               prompt_style=cell.prompt_style)
+    known = _read(path)
+    if known is not None:
+        wanted = {**{k: getattr(one, k) for k in SAME}, "heads": [list(h) for h in heads],
+                  "train_examples": len(train_items), "eval_examples": len(eval_items)}
+        had = {**{k: known.get("hyperparameters", {}).get(k) for k in SAME},
+               **{k: known.get(k) for k in ("heads", "train_examples", "eval_examples")}}
+        if "model" in known:  # records from before it was kept do not have it
+            wanted["model"], had["model"] = settings.model, known["model"]
+        differences = [f"{k}: {had[k]!r} there, {wanted[k]!r} now" for k in wanted if had[k] != wanted[k]]
+        if differences:
+            raise ValueError(f"{path} was trained with other settings ({'; '.join(differences)}); use another "
+                             "--out for these settings")
+        log(settings, f"cell {cell.name} seed {seed}: done before ({path})")
+        return known
     train = with_prompt_style(train_items, cell.prompt_style)
     items = with_prompt_style(eval_items, cell.prompt_style)
     log(settings, f"cell {cell.name} seed {seed}: tuning v on {len(heads)} heads ...")
