@@ -5,11 +5,16 @@ the logits at position t - 1 predict it. Log-softmax runs in float32 (float64 fo
 the model's dtype, and only at the positions that predict a label token (the LM head is applied there only,
 when the model supports `logits_to_keep`), so long prompts with short answers cost no [B, T, vocab] float32
 tensor.
+
+Right-padded rows are packed before the forward pass when the model can take packed sequences (`pack_rows`):
+several short rows share one row of the batch's length, told apart by their position ids (HF's packed-sequence
+masking), so the pass computes no padding tokens. The log-probs are those of the padded pass (to float
+rounding).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +37,82 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+# Model families whose HF attention masks separate packed sequences by their position ids (attention_mask None).
+PACKABLE_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "mistral", "qwen2", "qwen3")
+PACKABLE_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def can_pack(model) -> bool:
+    """Whether `model` takes packed rows: a supported family, attention and transformers version."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES:
+        return False
+    if getattr(config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
+        return False
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return "position_ids" in forward_parameters(model)
+
+
+def pack_rows(attention_mask: torch.Tensor) -> Optional[List[List[int]]]:
+    """Rows of a right-padded batch grouped so that each group's lengths sum to at most the batch's length,
+    T (first fit, longest first), or None when that saves no row. Packing into rows of length T keeps each
+    row's attention no larger than in the padded batch."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    width = attention_mask.shape[1]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: List[List[int]] = []
+    room: List[int] = []
+    for i in order:
+        for g, free in enumerate(room):
+            if lengths[i] <= free:
+                groups[g].append(i)
+                room[g] -= lengths[i]
+                break
+        else:
+            groups.append([i])
+            room.append(width - lengths[i])
+    return groups if len(groups) < len(lengths) else None
+
+
+def _packed(input_ids, attention_mask, labels, groups, pad_id: int):
+    """(input_ids, position_ids, labels, source row of each packed token) for the packed rows `groups`; the
+    rest of a row is padding that forms a sequence of its own (its labels are ignored)."""
+    lengths = attention_mask.sum(dim=1)
+    width = int(max(int(lengths[g].sum()) for g in groups))
+    R = len(groups)
+    ids = input_ids.new_full((R, width), pad_id)
+    pos = torch.zeros((R, width), dtype=torch.long, device=input_ids.device)
+    lab = labels.new_full((R, width), IGNORE_INDEX)
+    src = torch.full((R, width), -1, dtype=torch.long, device=input_ids.device)
+    for r, group in enumerate(groups):
+        at = 0
+        for b in group:
+            n = int(lengths[b])
+            ids[r, at : at + n] = input_ids[b, :n]
+            lab[r, at : at + n] = labels[b, :n]
+            pos[r, at : at + n] = torch.arange(n, device=input_ids.device)
+            src[r, at : at + n] = b
+            at += n
+        pos[r, at:] = torch.arange(width - at, device=input_ids.device)
+    return ids, pos, lab, src
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    return bool((attention_mask.bool() == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all())
+
+
 def label_token_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, adapter_names=None,
+    *, pack: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(log p of every label token [N], the batch row of each [N]), in row-major order; float32 (float64 for
-    a float64 model). `adapter_names`: one adapter per row, for a model holding several (`load_adapters`)."""
+    """(log p of every label token [N], the batch row of each [N]); float32 (float64 for a float64 model).
+    Row-major order, except that packed rows (see the module's docstring) give their tokens grouped by packed
+    row. `adapter_names`: one adapter per row, for a model holding several (`load_adapters`); such rows are
+    never packed. pack: None packs when the model can (`can_pack`) and it saves rows; False never packs."""
     if input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
@@ -48,11 +124,20 @@ def label_token_logprobs(
     input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
     if bool((labels[:, 0] != IGNORE_INDEX).any()):
         raise ValueError("labels at position 0 cannot be scored (no token precedes them); mask them with -100")
+    accepted = forward_parameters(model)
+    kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no KV cache to build for one pass
+    source = None
+    groups = None
+    if pack is not False and adapter_names is None and input_ids.shape[0] > 1 and can_pack(model) \
+            and _is_right_padded(attention_mask) and not bool((labels[attention_mask == 0] != IGNORE_INDEX).any()):
+        groups = pack_rows(attention_mask)
+    if groups is not None:
+        input_ids, position_ids, labels, source = _packed(input_ids, attention_mask, labels, groups, _pad_for(input_ids, attention_mask))
+        attention_mask = None
+        kwargs["position_ids"] = position_ids
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX  # [B, T-1]: logits at t predict target[:, t]
     positions = mask.any(dim=0).nonzero().squeeze(1)  # logit positions needed by some row
-    accepted = forward_parameters(model)
-    kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no KV cache to build for one pass
     if adapter_names is not None:
         kwargs["adapter_names"] = adapter_names
     if "logits_to_keep" in accepted and positions.numel() > 0:
@@ -66,8 +151,17 @@ def label_token_logprobs(
     selected = selected.to(torch.promote_types(selected.dtype, torch.float32))
     tokens = target[mask]
     logps = selected.log_softmax(dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-    rows = mask.nonzero()[:, 0]
+    if source is None:
+        rows = mask.nonzero()[:, 0]
+    else:
+        rows = source[:, 1:][:, positions][mask]
     return logps, rows
+
+
+def _pad_for(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """A token id to fill packed rows with (its value is never scored): the batch's own padding, else 0."""
+    padding = input_ids[attention_mask == 0]
+    return int(padding[0]) if padding.numel() else 0
 
 
 def sequence_logprobs(

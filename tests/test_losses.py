@@ -228,3 +228,95 @@ def test_reference_logprobs_by_token_budget_equal_row_batches():
     assert (rows_c - rows_c.flip(0)).abs().max() > 1e-3  # the pairs' values differ, so order is checked
     # the budget train() uses: the largest row batch's padded tokens
     assert default_reference_tokens(tok, PAIRS, 4, None) == 2 * 4 * max(lengths)
+
+
+def _ragged_batch(lengths, width, seed=0):
+    from models import VOCAB
+
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    attention_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    input_ids[attention_mask == 0] = 0
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[attention_mask == 0] = -100
+    return input_ids, attention_mask, labels
+
+
+def test_pack_rows_groups_fit_the_width_and_cover_every_row_once():
+    from lofit_fast.losses import pack_rows
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        width = int(torch.randint(4, 30, (1,), generator=g))
+        lengths = torch.randint(1, width + 1, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        groups = pack_rows(mask)
+        if groups is None:  # no two rows fit together
+            assert all(int(a) + int(b) > width for i, a in enumerate(lengths) for b in lengths[i + 1:])
+            continue
+        assert sorted(i for grp in groups for i in grp) == list(range(len(lengths)))
+        assert len(groups) < len(lengths)
+        assert all(sum(int(lengths[i]) for i in grp) <= width for grp in groups)
+
+
+@pytest.mark.parametrize("family,attn", [(f, a) for f in ["llama", "gemma", "gemma2", "gemma3", "mistral", "qwen2", "qwen3"]
+                                         for a in (("eager",) if f == "gemma2" else ("eager", "sdpa"))])
+def test_packed_rows_match_float64_per_row_reference_and_padded_gradients(family, attn):
+    """Rows longer than Gemma's sliding window (8) and short ones packed beside them: each packed sequence
+    must see only itself, with its own positions and window."""
+    from models import tiny_model
+
+    from lofit_fast import patch
+    from lofit_fast.losses import can_pack, label_token_logprobs, pack_rows
+    from lofit_fast.patch import trainable_parameters
+
+    lengths = [14, 4, 9, 5, 3, 6, 2]
+    input_ids, attention_mask, labels = _ragged_batch(lengths, 14, seed=len(family))
+    model = tiny_model(family, attn=attn, dtype=torch.float64, seed=1)
+    assert can_pack(model) and pack_rows(attention_mask) is not None
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    expected = torch.tensor(reference_logprobs(model, batch), dtype=torch.float64)
+    # eager attention's additive padding mask moves even the padded pass by ~1e-8 (float64) from one row alone
+    tol = 1e-10 if attn == "sdpa" else 1e-7
+    torch.testing.assert_close(sequence_logprobs(model, **batch), expected, rtol=tol, atol=tol)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    patch(model, "all", scale=True, offset=True, backend="torch")
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3)
+    weights = torch.arange(1, len(lengths) + 1, dtype=torch.float64)  # a different weight per row
+    for p in params:
+        p.grad = None
+    logps, rows = label_token_logprobs(model, input_ids, attention_mask, labels)
+    packed = torch.zeros(len(lengths), dtype=logps.dtype).index_add(0, rows, logps)
+    (packed * weights).sum().backward()
+    packed_grads = [p.grad.clone() for p in params]
+    # the reference: each row alone, unpadded (a padded batch is no reference: Gemma 2's eager attention gives
+    # NaN for short right-padded rows in float64)
+    for p in params:
+        p.grad = None
+    alone = []
+    for b, n in enumerate(lengths):
+        one = sequence_logprobs(model, input_ids[b:b + 1, :n], attention_mask[b:b + 1, :n], labels[b:b + 1, :n])
+        (one[0] * weights[b]).backward()
+        alone.append(one.detach()[0])
+    torch.testing.assert_close(packed.detach(), torch.stack(alone), rtol=tol, atol=tol)
+    for a, p in zip(packed_grads, params):
+        assert float((a - p.grad).norm() / p.grad.norm()) < 1e-5  # A and v are float32
+
+
+def test_rows_are_not_packed_for_models_that_cannot_take_packed_sequences():
+    from lofit_fast.losses import can_pack
+
+    model = tiny_llama(seed=1, dtype=torch.float64)
+    assert can_pack(model)
+    assert not can_pack(NoLogitsToKeep(model))  # no config, no position_ids: padded rows
+    input_ids, attention_mask, labels = _ragged_batch([9, 3, 4, 2], 9)
+    input_ids = input_ids % 50
+    labels = torch.where(labels >= 0, labels % 50, labels)
+    torch.testing.assert_close(sequence_logprobs(NoLogitsToKeep(model), input_ids, attention_mask, labels),
+                               sequence_logprobs(model, input_ids, attention_mask, labels), rtol=1e-10, atol=1e-10)
