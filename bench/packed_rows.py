@@ -37,6 +37,16 @@ FIELDS = ["timestamp", "commit", "device", "torch", "threads", "model", "stage",
           "real_tokens", "computed_tokens", "s_per_batch", "padded_over_packed"]
 
 
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -109,7 +119,7 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = sum(times["padded"]) / sum(times["packed"])
         for name in ("padded", "packed"):
-            rows.append({"timestamp": stamp, "commit": _commit(), "device": platform.processor() or "cpu",
+            rows.append({"timestamp": stamp, "commit": _commit(), "device": _cpu(),
                          "torch": torch.__version__, "threads": args.threads, "model": args.model, "stage": stage,
                          "provider": name, "batches": len(batches), "rows": 2 * n, "real_tokens": real,
                          "computed_tokens": padded_tokens if name == "padded" else packed_tokens,
