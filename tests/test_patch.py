@@ -265,3 +265,29 @@ def test_hooks_bad_input_and_unpatch():
         hooks.patch(model, [(0, 1)])
     hooks.unpatch(model)
     assert_unchanged(model, snap)
+
+
+def test_layers_renamed_by_fsdp2_are_found():
+    """FSDP2's fully_shard swaps each layer's class for an `FSDP<Name>` subclass; patch must still find it."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from lofit_fast.patch import find_attention_sites
+
+    model = tiny_model("llama")
+    expected = [(s.path, s.num_heads, s.head_dim) for s in find_attention_sites(model)]
+    started = not dist.is_initialized()
+    if started:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        assert type(model.model.layers[0]).__name__ == "FSDPLlamaDecoderLayer"
+        assert [(s.path, s.num_heads, s.head_dim) for s in find_attention_sites(model)] == expected
+    finally:
+        if started:
+            dist.destroy_process_group()

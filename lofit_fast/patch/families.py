@@ -28,11 +28,16 @@ class AttentionSite:
     head_dim: int
 
 
+def is_decoder_layer(module: nn.Module) -> bool:
+    """A supported decoder layer, also behind a subclass (FSDP2's `fully_shard` makes an `FSDP<Name>` one)."""
+    return any(cls.__name__ in SUPPORTED_DECODER_LAYERS for cls in type(module).__mro__)
+
+
 def find_attention_sites(model: nn.Module) -> List[AttentionSite]:
     """The model's decoder layers in order, with their head count and head size; a clear error otherwise."""
     sites: List[AttentionSite] = []
     for path, module in model.named_modules():
-        if type(module).__name__ not in SUPPORTED_DECODER_LAYERS:
+        if not is_decoder_layer(module):
             continue
         attn = getattr(module, "self_attn", None)
         o_proj = getattr(attn, "o_proj", None)
