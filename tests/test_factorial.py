@@ -117,3 +117,15 @@ def test_factorial_cells_train_with_their_choices_and_resume(tmp_path):
         factorial.main([a if a != "0:1,1:3" else "0:2,1:3" for a in args[:-1]] + ["official"])
     assert all((out / "cells" / name).stat().st_mtime_ns == t for name, t in stamps.items())
     assert (out / "factorial.md").read_text().count("\n| ") >= 4
+
+    # the base record is reused for new cells on the same model and questions, measured again otherwise
+    base_official, base_newline = out / "base_official.json", out / "base_newline.json"
+    t0 = base_official.stat().st_mtime_ns
+    assert factorial.main(args[:-1] + ["constant-noeos-official"]) == 0
+    assert base_official.stat().st_mtime_ns == t0
+    record = json.loads(base_newline.read_text())
+    digest = record["questions_sha256"]
+    base_newline.write_text(json.dumps({**record, "questions_sha256": "0" * 64, "metrics": {"mc1": 9.0, "mc2": 9.0}}))
+    assert factorial.main(args[:-1] + ["plain"]) == 0
+    again = json.loads(base_newline.read_text())
+    assert again["questions_sha256"] == digest and again["metrics"] == record["metrics"]

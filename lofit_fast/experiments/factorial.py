@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -81,18 +82,32 @@ def _read(path: str) -> Optional[dict]:
         return None
 
 
+def _questions_digest(items) -> str:
+    """sha256 of the evaluation items' questions and answers (what a base record was measured on)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([getattr(it, "question", None), it.prompt, getattr(it, "best", None),
+                             list(getattr(it, "correct", [])), list(getattr(it, "incorrect", []))]).encode())
+    return h.hexdigest()
+
+
 def _base(settings, model, tokenizer, eval_items, prompt_style: str, out: str) -> dict:
+    """The base model's record on `eval_items` with `prompt_style`, from out/base_<style>.json when that was
+    measured with the same model on the same questions (records from before the model and the questions' digest
+    were kept are matched on the number of questions), else evaluated and written there."""
     path = os.path.join(out, f"base_{prompt_style}.json")
-    known = _read(path)
-    if known is not None and known.get("eval_examples") == len(eval_items):
-        return known
     items = with_prompt_style(eval_items, prompt_style)
+    digest = _questions_digest(items)
+    known = _read(path)
+    if known is not None and known.get("eval_examples") == len(items) \
+            and known.get("questions_sha256", digest) == digest and known.get("model", settings.model) == settings.model:
+        return known
     start = time.perf_counter()
     scores: Dict[str, List[float]] = {}
     metrics = evaluate_arm(settings, model, tokenizer, items, f"the base model ({prompt_style} prompt)",
                            item_scores=scores)
-    record = {"prompt_style": prompt_style, "metrics": metrics, "item_scores": scores,
-              "eval_examples": len(items), "seconds": round(time.perf_counter() - start, 1)}
+    record = {"prompt_style": prompt_style, "model": settings.model, "metrics": metrics, "item_scores": scores,
+              "eval_examples": len(items), "questions_sha256": digest, "seconds": round(time.perf_counter() - start, 1)}
     write_json(path, record)
     return record
 
