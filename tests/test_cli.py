@@ -391,6 +391,14 @@ def test_run_over_seeds_reports_mean_and_spread(model_dir, tmp_path, capsys):
     assert [r["seconds_by_stage"]["eval_base"] for r in runs][1:] == [0.0, 0.0]  # ... and evaluated once
     assert len({json.dumps(r["random_heads"]) for r in runs}) > 1  # each seed draws its own random heads
     assert "mean ± standard deviation over 3 seeds" in capsys.readouterr().out
+    # bench/seeds_table.py renders the same numbers as markdown
+    from bench_scripts import load_bench
+
+    table = load_bench("seeds_table").render(str(out))
+    lofit = summary["summary"]["lofit"]["mc1"]
+    assert f"| LoFiT (top 2) | {lofit['mean']:.3f} ± {lofit['std']:.3f} |" in table
+    for s, r in zip((1, 2, 3), runs):
+        assert f"| {s} | {r['lofit']['mc1']:.3f} | {r['lofit']['mc2']:.3f} | {r['random']['mc1']:.3f} |" in table
 
 
 def test_seeds_argument_is_checked():

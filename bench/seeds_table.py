@@ -1,0 +1,77 @@
+"""The markdown table of a `lofit-fast run --seeds ...` folder: every arm's mean ± standard deviation over the
+seeds, LoFiT's gains with their spread, each seed's values and paired intervals, the heads, and each stage's
+wall time.
+
+    python bench/seeds_table.py runs/tqa_plain            # reads runs/tqa_plain/summary.json and seed_*/results.json
+    python bench/seeds_table.py runs/tqa_plain --out bench/results/lofit_smollm2/truthfulqa_plain_seeds.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("eval_base", "select", "tune", "eval_lofit", "tune_random", "eval_random")
+
+
+def _pm(row: dict, signed: bool = False) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(row['mean'])} ± {row['std']:.3f}"
+
+
+def render(run_dir: str) -> str:
+    summary = json.loads(Path(run_dir, "summary.json").read_text())
+    seeds = summary["seeds"]
+    runs = {s: json.loads(Path(run_dir, f"seed_{s}", "results.json").read_text()) for s in seeds}
+    metrics = list(summary["summary"]["lofit"])
+    k = summary["k"]
+    lines = [f"{summary['task']}, {summary['eval_examples']} evaluation items, model {summary['model']}, K = {k}, "
+             f"seeds {', '.join(map(str, seeds))} (mean ± sample standard deviation over seeds; base is deterministic)",
+             "", "| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for arm, label in (("base", "base"), ("lofit", f"LoFiT (top {k})"), ("random", f"random {k} heads")):
+        lines.append(f"| {label} | " + " | ".join(_pm(summary["summary"][arm][m]) for m in metrics) + " |")
+    for other in ("base", "random"):
+        gains = summary[f"lofit_minus_{other}"]
+        lines.append(f"| LoFiT − {other} | " + " | ".join(
+            _pm(gains[m], signed=True) + (" (beyond the spread)" if gains[m]["beyond_spread"] else "")
+            for m in metrics) + " |")
+    lines += ["", "| seed | " + " | ".join(f"LoFiT {m}" for m in metrics) + " | "
+              + " | ".join(f"random {m}" for m in metrics) + " | "
+              + " | ".join(f"LoFiT − random {m} (paired 95 %)" for m in metrics) + " | heads | seconds |",
+              "|---|" + "---|" * (3 * len(metrics) + 2)]
+    for s, r in runs.items():
+        paired = r.get("paired", {})
+        cells = [f"{r['lofit'][m]:.3f}" for m in metrics] + [f"{r['random'][m]:.3f}" for m in metrics]
+        for m in metrics:
+            p = paired.get(f"lofit - random ({m})")
+            cells.append("—" if p is None else f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]")
+        heads = " ".join(f"{l}:{h}" for l, h in r["heads"])
+        stages = r.get("seconds_by_stage", {})
+        cells += [heads, f"{sum(stages.get(x, 0) for x in STAGES):.0f}"]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    stage_rows = [[f"{runs[s].get('seconds_by_stage', {}).get(x, float('nan')):.0f}" for x in STAGES] for s in seeds]
+    lines += ["", "| seed | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+    lines += [f"| {s} | " + " | ".join(row) + " |" for s, row in zip(seeds, stage_rows)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", help="the --out folder of `lofit-fast run --seeds ...`")
+    ap.add_argument("--out", help="also write the table to this file")
+    args = ap.parse_args(argv)
+    if not os.path.exists(os.path.join(args.run_dir, "summary.json")):
+        print(f"{args.run_dir} has no summary.json: run `lofit-fast run --seeds ...` with --out {args.run_dir}",
+              file=sys.stderr)
+        return 2
+    text = render(args.run_dir)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
