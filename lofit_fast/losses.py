@@ -42,8 +42,9 @@ PACKABLE_MODEL_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "mistral", "q
 PACKABLE_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
-def can_pack(model) -> bool:
-    """Whether `model` takes packed rows: a supported family, attention and transformers version."""
+def can_pack(model, accepted: Optional[set] = None) -> bool:
+    """Whether `model` takes packed rows: a supported family, attention and transformers version. `accepted`:
+    `forward_parameters(model)` when the caller has it already."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PACKABLE_MODEL_TYPES:
         return False
@@ -53,14 +54,15 @@ def can_pack(model) -> bool:
         from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
     except ImportError:
         return False
-    return "position_ids" in forward_parameters(model)
+    return "position_ids" in (forward_parameters(model) if accepted is None else accepted)
 
 
-def pack_rows(attention_mask: torch.Tensor) -> Optional[List[List[int]]]:
+def pack_rows(attention_mask: torch.Tensor, lengths: Optional[List[int]] = None) -> Optional[List[List[int]]]:
     """Rows of a right-padded batch grouped so that each group's lengths sum to at most the batch's length,
     T (first fit, longest first), or None when that saves no row. Packing into rows of length T keeps each
-    row's attention no larger than in the padded batch."""
-    lengths = attention_mask.sum(dim=1).tolist()
+    row's attention no larger than in the padded batch. `lengths`: the rows' lengths, when known."""
+    if lengths is None:
+        lengths = attention_mask.sum(dim=1).tolist()
     width = attention_mask.shape[1]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: List[List[int]] = []
@@ -77,20 +79,19 @@ def pack_rows(attention_mask: torch.Tensor) -> Optional[List[List[int]]]:
     return groups if len(groups) < len(lengths) else None
 
 
-def _packed(input_ids, attention_mask, labels, groups, pad_id: int):
+def _packed(input_ids, labels, lengths: List[int], groups):
     """(input_ids, position_ids, labels, source row of each packed token) for the packed rows `groups`; the
-    rest of a row is padding that forms a sequence of its own (its labels are ignored)."""
-    lengths = attention_mask.sum(dim=1)
-    width = int(max(int(lengths[g].sum()) for g in groups))
+    rest of a row is filler (token 0) that forms a sequence of its own (its labels are ignored)."""
+    width = max(sum(lengths[b] for b in g) for g in groups)
     R = len(groups)
-    ids = input_ids.new_full((R, width), pad_id)
+    ids = input_ids.new_zeros((R, width))
     pos = torch.zeros((R, width), dtype=torch.long, device=input_ids.device)
     lab = labels.new_full((R, width), IGNORE_INDEX)
     src = torch.full((R, width), -1, dtype=torch.long, device=input_ids.device)
     for r, group in enumerate(groups):
         at = 0
         for b in group:
-            n = int(lengths[b])
+            n = lengths[b]
             ids[r, at : at + n] = input_ids[b, :n]
             lab[r, at : at + n] = labels[b, :n]
             pos[r, at : at + n] = torch.arange(n, device=input_ids.device)
@@ -98,11 +99,6 @@ def _packed(input_ids, attention_mask, labels, groups, pad_id: int):
             at += n
         pos[r, at:] = torch.arange(width - at, device=input_ids.device)
     return ids, pos, lab, src
-
-
-def _is_right_padded(attention_mask: torch.Tensor) -> bool:
-    lengths = attention_mask.sum(dim=1, keepdim=True)
-    return bool((attention_mask.bool() == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all())
 
 
 def label_token_logprobs(
@@ -126,13 +122,17 @@ def label_token_logprobs(
         raise ValueError("labels at position 0 cannot be scored (no token precedes them); mask them with -100")
     accepted = forward_parameters(model)
     kwargs = {"use_cache": False} if "use_cache" in accepted else {}  # no KV cache to build for one pass
-    source = None
-    groups = None
-    if pack is not False and adapter_names is None and input_ids.shape[0] > 1 and can_pack(model) \
-            and _is_right_padded(attention_mask) and not bool((labels[attention_mask == 0] != IGNORE_INDEX).any()):
-        groups = pack_rows(attention_mask)
+    source = groups = None
+    if pack is not False and adapter_names is None and input_ids.shape[0] > 1 and can_pack(model, accepted):
+        lengths_t = attention_mask.sum(dim=1)
+        right_padded = torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths_t.unsqueeze(1)
+        # packable: right-padded, with no label on the padding
+        ok = (attention_mask.bool() == right_padded).all() & ~(labels[~right_padded] != IGNORE_INDEX).any()
+        lengths = lengths_t.tolist()
+        if bool(ok):
+            groups = pack_rows(attention_mask, lengths)
     if groups is not None:
-        input_ids, position_ids, labels, source = _packed(input_ids, attention_mask, labels, groups, _pad_for(input_ids, attention_mask))
+        input_ids, position_ids, labels, source = _packed(input_ids, labels, lengths, groups)
         attention_mask = None
         kwargs["position_ids"] = position_ids
     target = labels[:, 1:]
@@ -156,12 +156,6 @@ def label_token_logprobs(
     else:
         rows = source[:, 1:][:, positions][mask]
     return logps, rows
-
-
-def _pad_for(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-    """A token id to fill packed rows with (its value is never scored): the batch's own padding, else 0."""
-    padding = input_ids[attention_mask == 0]
-    return int(padding[0]) if padding.numel() else 0
 
 
 def sequence_logprobs(
