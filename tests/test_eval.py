@@ -236,3 +236,44 @@ def test_shared_prompt_scoring_equals_scoring_each_pair():
     flat = [x for row in shared for x in row]
     assert [len(r) for r in shared] == [3, 2, 4]
     assert max(abs(a - b) for a, b in zip(flat, alone)) < 1e-5
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("mistral", None), ("gemma3", None), ("gemma3", 64)])
+def test_token_continuations_from_a_shared_primer_equal_each_pair_in_float64(family, window):
+    """Prompts that all start with a 20-token primer (the primer then runs once, its KV cache copied into every
+    batch) and end in questions of different lengths: Σ log p and the greedy flags equal each (prompt, answer)
+    run whole, in float64. Under a sliding window (8) shorter than the rows, the primer is not shared."""
+    from models import VOCAB, tiny_model
+
+    from lofit_fast.eval import score_token_continuations
+
+    model = tiny_model(family, attn="sdpa", dtype=torch.float64, seed=2)
+    if window is not None:
+        model.config.sliding_window = window
+        for layer in model.model.layers:
+            layer.self_attn.sliding_window = window if layer.self_attn.sliding_window else None
+    g = torch.Generator().manual_seed(7)
+    primer = torch.randint(3, VOCAB, (20,), generator=g).tolist()
+    prompts = [primer + torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 3, 9, 2)]
+    answers = [[torch.randint(3, VOCAB, (m,), generator=g).tolist() for m in ms]
+               for ms in ((3, 1), (4,), (2, 6, 1), (5, 2), (1, 1, 3))]
+    with torch.no_grad():  # the greedy continuation of prompt 2, so one flag must be True
+        ids = torch.tensor([prompts[2]])
+        for _ in range(3):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], 1)
+    answers[2].append(ids[0, len(prompts[2]):].tolist())
+    first_lengths = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: first_lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    got = score_token_continuations(model, prompts, answers, batch_tokens=30, max_rows=4, progress=False)
+    hook.remove()
+    assert (first_lengths[0] == 20) == (family != "gemma3" or window == 64)
+    for p, group, scored in zip(prompts, answers, got):
+        assert len(scored) == len(group)
+        for a, (logp, greedy) in zip(group, scored):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + a])).logits[0, len(p) - 1 : -1].log_softmax(-1)
+            want = logits.gather(1, torch.tensor(a)[:, None]).sum().item()
+            assert abs(logp - want) <= 1e-9 * max(1.0, abs(want))
+            assert greedy == bool((logits.argmax(-1) == torch.tensor(a)).all())
+    assert got[2][-1][1] is True

@@ -127,3 +127,48 @@ def test_lm_eval_judges_the_adapters_of_a_recipe_factorial(model_dir, tmp_path):
     assert (out / "lm_eval.json").is_file() and "| mc1 | base |" in markdown_factorial(report)
     with pytest.raises(ValueError, match="no finished factorial cells"):
         lm_eval_factorial(str(out), str(DATA), cells=["linear-noeos-newline"])
+
+
+def _requests(lm, pairs):
+    return [((ctx, cont), *lm._encode_pair(ctx, cont)) for ctx, cont in pairs]
+
+
+def test_shared_prefix_loglikelihoods_equal_hflms_own(model_dir, adapter_dir):
+    """LofitLM's shared-context path against HFLM's per-request path on the same requests: log-likelihoods to
+    1e-5, the same greedy flags, in the request order (contexts interleaved, of different lengths, one request
+    whose continuation is the model's greedy one)."""
+    from lofit_fast.harness import LofitLM
+
+    fast = LofitLM(pretrained=str(model_dir), adapter=str(adapter_dir), batch_size=3)
+    slow = LofitLM(pretrained=str(model_dir), adapter=str(adapter_dir), batch_size=3, shared_prefix="false")
+    assert fast.shared_prefix and not slow.shared_prefix
+    gen = torch.Generator().manual_seed(11)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    def text(n):
+        return "".join(letters[i] for i in torch.randint(0, len(letters), (n,), generator=gen).tolist())
+    contexts = [TRUTHFULQA_PRIMER[:150] + "\nQ: " + text(9) + "\nA:", "Q: " + text(4) + "\nA:", text(31)]
+    pairs = [(contexts[i % 3], " " + text(1 + (5 * i) % 13)) for i in range(14)]
+    ids = torch.tensor([fast.tok_encode(contexts[1])])
+    with torch.no_grad():
+        greedy = fast.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    pairs.append((contexts[1], fast.tokenizer.decode(greedy[0, ids.shape[1]:])))
+    requests = _requests(fast, pairs)
+    assert requests[-1][2] == greedy[0, ids.shape[1]:].tolist()  # the byte tokenizer round-trips
+    got, want = fast._loglikelihood_tokens(requests), slow._loglikelihood_tokens(requests)
+    assert len(got) == len(want) == len(requests)
+    g, w = torch.tensor([x[0] for x in got], dtype=torch.float64), torch.tensor([x[0] for x in want], dtype=torch.float64)
+    assert torch.linalg.vector_norm(g - w) / torch.linalg.vector_norm(w) < 1e-5
+    assert [x[1] for x in got] == [x[1] for x in want]
+    assert got[-1][1] is True
+
+
+def test_shared_prefix_gives_lm_evals_scores(model_dir, adapter_dir):
+    tasks = ["lofit_truthfulqa_mc1", "lofit_truthfulqa_mc2"]
+    fast = evaluate(DATA, {"lofit": str(adapter_dir)}, model=str(model_dir), tasks=tasks, batch_size=4)
+    slow = evaluate(DATA, {"lofit": str(adapter_dir)}, model=str(model_dir), tasks=tasks, batch_size=4,
+                    shared_prefix=False)
+    assert fast["lofit"]["lofit_truthfulqa_mc1"] == slow["lofit"]["lofit_truthfulqa_mc1"]
+    assert fast["lofit"]["lofit_truthfulqa_mc2"] == pytest.approx(slow["lofit"]["lofit_truthfulqa_mc2"], abs=1e-6)
+    with pytest.raises(ValueError, match="shared_prefix must be true or false"):
+        from lofit_fast.harness import LofitLM
+        LofitLM(pretrained=str(model_dir), shared_prefix="maybe")

@@ -20,6 +20,7 @@ forward (the prompt's last logits predict each answer's first token). The result
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -110,12 +111,69 @@ def score_with_shared_prompts(
         for j, a in enumerate(ids):
             if not a:
                 raise ValueError(f"prompt {q}: answer {j} ({answers[q][j]!r}) has no tokens to score")
-    cost = [len(p) * len(a) + sum(len(x) for x in a) for p, a in zip(prompt_ids, answer_ids)]
-    order = sorted(range(len(prompts)), key=lambda q: len(prompt_ids[q]), reverse=True)
-    pad = pad_token_id(tokenizer)
+    scored = score_token_continuations(model, prompt_ids, answer_ids, pad_id=pad_token_id(tokenizer),
+                                       batch_tokens=batch_tokens, max_rows=max_rows, progress=progress, desc=desc,
+                                       adapter_names=adapter_names)
+    return [[logp for logp, _ in row] for row in scored]
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> List[int]:
+    first, n = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        k = 0
+        while k < n and row[k] == first[k]:
+            k += 1
+        n = k
+    return list(first[:n])
+
+
+def _window_below(model, length: int) -> bool:
+    """Whether some layer attends through a sliding window shorter than `length`: there the window counts cache
+    slots, so padding between the shared prefix and a prompt would shift which prefix tokens a query sees."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(config, "sliding_window", None)
+    return isinstance(window, int) and window < length
+
+
+def score_token_continuations(
+    model, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[Sequence[int]]], *, pad_id: int = 0,
+    batch_tokens: int = 2048, max_rows: int = 64, progress: bool = True, desc: str = "scoring answers",
+    adapter_names: Optional[Sequence] = None, min_shared: int = 16,
+) -> List[List[Tuple[float, bool]]]:
+    """(Σ log p(answer tokens | prompt), whether every answer token is the argmax) for every tokenized answer of
+    every tokenized prompt, the prompt run once (the core of `score_with_shared_prompts`, which documents the
+    batching). The model must take past_key_values, position_ids and logits_to_keep.
+
+    When all prompts start with the same `min_shared` or more tokens (a few-shot primer or an instruction), that
+    common prefix runs once for the whole call and every batch continues from a copy of its KV cache (not with
+    `adapter_names`, whose adapters would each see the prefix differently, nor under a sliding window shorter
+    than the longest prompt + answer)."""
+    if len(prompt_ids) != len(answer_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(answer_ids)} answer lists")
+    for q, (p, group) in enumerate(zip(prompt_ids, answer_ids)):
+        if not p:
+            raise ValueError(f"prompt {q} has no tokens: the first answer token needs a context")
+        if any(not a for a in group):
+            raise ValueError(f"prompt {q}: an answer has no tokens to score")
+    order = sorted((q for q in range(len(prompt_ids)) if answer_ids[q]), key=lambda q: len(prompt_ids[q]),
+                   reverse=True)
     device = next(model.parameters()).device
-    out: List[List[float]] = [[] for _ in prompts]
-    with eval_mode(model), torch.no_grad(), progress_bar(len(prompts), desc, progress) as bar:
+    out: List[List[Tuple[float, bool]]] = [[] for _ in prompt_ids]
+    shared: List[int] = []
+    longest = max((len(prompt_ids[q]) + max(len(a) for a in answer_ids[q]) for q in order), default=0)
+    if adapter_names is None and len(order) > 1 and not _window_below(model, longest):
+        shared = _common_prefix([prompt_ids[q] for q in order])
+        shared = shared[: min(len(prompt_ids[q]) for q in order) - 1]  # every prompt keeps a token of its own
+        if len(shared) < max(min_shared, 1):
+            shared = []
+    c = len(shared)
+    cost = [(len(p) - c) * len(a) + sum(len(x) for x in a) for p, a in zip(prompt_ids, answer_ids)]
+    with eval_mode(model), torch.no_grad(), progress_bar(len(order), desc, progress) as bar:
+        prefix_cache = None
+        if shared:
+            prefix_cache = model(input_ids=torch.tensor([shared], device=device), use_cache=True,
+                                 logits_to_keep=1).past_key_values
         start = 0
         while start < len(order):
             batch, used, rows = [], 0, 0
@@ -125,16 +183,21 @@ def score_with_shared_prompts(
                 used += cost[order[start]]
                 rows += len(answer_ids[order[start]])
                 start += 1
-            p_rows = [prompt_ids[q] for q in batch]
-            p_ids = pad_left(p_rows, pad).to(device)
+            p_rows = [list(prompt_ids[q][c:]) for q in batch]
+            p_ids = pad_left(p_rows, pad_id).to(device)
             p_mask = pad_left([[1] * len(r) for r in p_rows], 0).to(device)
-            p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+            p_pos = c + (p_mask.cumsum(1) - 1).clamp(min=0)
             routed = {} if adapter_names is None else {"adapter_names": [adapter_names[q] for q in batch]}
-            first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
-                          logits_to_keep=1, **routed)
+            cache = None
+            if prefix_cache is not None:  # [prefix | left padding | the prompt's own tokens]
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+                p_mask = torch.cat([p_mask.new_ones(len(batch), c), p_mask], 1)
+            first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1, **routed)
             owner = torch.tensor([i for i, q in enumerate(batch) for _ in answer_ids[q]], device=device)
-            a_rows = [a for q in batch for a in answer_ids[q]]
-            a_ids = pad_right(a_rows, pad).to(device)
+            a_rows = [list(a) for q in batch for a in answer_ids[q]]
+            a_ids = pad_right(a_rows, pad_id).to(device)
             a_mask = pad_right([[1] * len(r) for r in a_rows], 0).to(device)
             cache = first.past_key_values
             cache.batch_select_indices(owner)
@@ -145,9 +208,11 @@ def score_with_shared_prompts(
             rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[owner], a_mask], 1), position_ids=a_pos,
                          past_key_values=cache, use_cache=True, **routed).logits
             logits = torch.cat([first.logits[owner][:, -1:], rest[:, :-1]], 1)
-            scores = _answer_logprobs(logits, a_ids, a_mask.to(logits.dtype)).tolist()
-            for row, i in enumerate(owner.tolist()):
-                out[batch[i]].append(scores[row])
+            mask = a_mask.to(torch.bool)
+            scores = _answer_logprobs(logits, a_ids, mask.to(torch.promote_types(logits.dtype, torch.float32)))
+            greedy = ((logits.argmax(-1) == a_ids) | ~mask).all(1)
+            for i, value, hit in zip(owner.tolist(), scores.tolist(), greedy.tolist()):
+                out[batch[i]].append((value, bool(hit)))
             bar.update(len(batch))
     return out
 

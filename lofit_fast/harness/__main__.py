@@ -20,6 +20,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N items of each split")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="score each (context, choice) request whole, as HFLM does, instead of running each shared "
+                         "context once (the same numbers to float rounding, several times slower)")
     ap.add_argument("--out", help="write {adapter: {task: score}} as JSON here")
     args = ap.parse_args(argv)
     adapters = {"base": None}
@@ -31,7 +34,8 @@ def main(argv=None) -> int:
             ap.error(f"--adapter {name!r} given twice (or named 'base')")
         adapters[name] = path
     table = evaluate(args.data, adapters, tasks=[t.strip() for t in args.tasks.split(",")], model=args.model,
-                     fold=args.fold, limit=args.limit, batch_size=args.batch_size, backend=args.backend)
+                     fold=args.fold, limit=args.limit, batch_size=args.batch_size, backend=args.backend,
+                     shared_prefix=not args.no_shared_prefix)
     for name, row in table.items():
         print(name, " ".join(f"{t}={v:.4f}" for t, v in row.items()))
     if args.out:
