@@ -11,7 +11,6 @@ Both providers score the same requests (the first `--limit` questions of fold 0 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import sys
 import time
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e_lib.report import git_commit  # noqa: E402
+from e2e_lib.report import append_rows, git_commit  # noqa: E402
 from packed_rows import _cpu  # noqa: E402
 
 FIELDS = ["timestamp", "commit", "device", "torch", "lm_eval", "threads", "model", "adapter", "questions",
@@ -67,15 +66,8 @@ def main(argv=None) -> int:
              "adapter": args.adapter or "none", "questions": args.limit, "provider": provider,
              "seconds": f"{seconds:.2f}", "mc1": f"{scores[0]:.4f}", "mc2": f"{scores[1]:.4f}",
              "hflm_over_shared": f"{s_hflm / s_shared:.2f}"} for provider, (seconds, scores) in measured.items()]
-    path = Path(args.csv)
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"hflm / shared: {s_hflm / s_shared:.2f}x; wrote {path}")
+    append_rows(Path(args.csv), rows, FIELDS)
+    print(f"hflm / shared: {s_hflm / s_shared:.2f}x; appended to {args.csv}")
     return 0
 
 

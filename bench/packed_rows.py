@@ -12,11 +12,9 @@ padding fraction, seconds per batch and the padded / packed ratio.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from e2e_lib.report import append_rows, git_commit  # noqa: E402
 from lofit_fast.data import collate_preference, load_split, pad_token_id, training_examples  # noqa: E402
 from lofit_fast.experiments.recipes import with_prompt_style  # noqa: E402
 from lofit_fast.losses import label_token_logprobs, pack_rows  # noqa: E402
@@ -45,14 +45,6 @@ def _cpu() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _step(model, params, batch, pack):
@@ -119,7 +111,7 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = sum(times["padded"]) / sum(times["packed"])
         for name in ("padded", "packed"):
-            rows.append({"timestamp": stamp, "commit": _commit(), "device": _cpu(),
+            rows.append({"timestamp": stamp, "commit": git_commit(), "device": _cpu(),
                          "torch": torch.__version__, "threads": args.threads, "model": args.model, "stage": stage,
                          "provider": name, "batches": len(batches), "rows": 2 * n, "real_tokens": real,
                          "computed_tokens": padded_tokens if name == "padded" else packed_tokens,
@@ -129,15 +121,8 @@ def main(argv=None) -> int:
               f"{sum(times['packed']) / len(times['packed']):.2f} s/batch (medians {med['padded']:.2f} / "
               f"{med['packed']:.2f}); padded / packed = {ratio:.2f}; tokens computed {padded_tokens} → "
               f"{packed_tokens} of {real} real")
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"rows appended to {path}")
+    append_rows(Path(args.csv), rows, FIELDS)
+    print(f"rows appended to {args.csv}")
     return 0
 
 

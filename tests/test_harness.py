@@ -172,3 +172,19 @@ def test_shared_prefix_gives_lm_evals_scores(model_dir, adapter_dir):
     with pytest.raises(ValueError, match="shared_prefix must be true or false"):
         from lofit_fast.harness import LofitLM
         LofitLM(pretrained=str(model_dir), shared_prefix="maybe")
+
+
+def test_shared_prefix_bench_writes_both_providers(model_dir, tmp_path):
+    """bench/lm_eval_shared_prefix.py on a tiny model: one CSV row per provider, equal metrics, the ratio."""
+    import csv
+
+    from bench_scripts import load_bench
+
+    out = tmp_path / "bench.csv"
+    bench = load_bench("lm_eval_shared_prefix")
+    assert bench.main(["--data", str(DATA), "--model", str(model_dir), "--limit", "3", "--batch-size", "4",
+                       "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["provider"] for r in rows] == ["shared", "hflm"]
+    assert rows[0]["mc1"] == rows[1]["mc1"] and rows[0]["mc2"] == rows[1]["mc2"]
+    assert float(rows[0]["hflm_over_shared"]) > 0 and rows[0]["questions"] == "3"

@@ -137,17 +137,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def append_rows(path: Path, rows: List[Dict[str, str]]) -> None:
-    """Append to a CSV with HEADER (written when the file is new; an existing file must have the same header)."""
+def append_rows(path: Path, rows: List[Dict[str, str]], header: Sequence[str] = HEADER) -> None:
+    """Append to a CSV with `header` (written when the file is new; an existing file must have the same header)."""
+    header = list(header)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != HEADER:
-            raise ValueError(f"{path} has the header {header}, expected {HEADER}: write to another file with --results")
+            found = next(csv.reader(f), [])
+        if found != header:
+            raise ValueError(f"{path} has the header {found}, expected {header}: write to another file")
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HEADER)
+        writer = csv.DictWriter(f, fieldnames=header)
         if new:
             writer.writeheader()
         writer.writerows(rows)
