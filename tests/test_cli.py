@@ -143,6 +143,21 @@ def test_demo_runs_on_the_builtin_examples(model_dir, tmp_path, capsys):
     assert results["train_examples"] == 4 and results["eval_examples"] == 3
 
 
+def test_demo_defaults_on_the_builtin_task(model_dir, tmp_path):
+    """Without --max-train / --batch-size the built-in demo trains on 16 questions in batches of 4; with --data
+    the batch stays 8."""
+    rc = run_cli("demo", "--model", model_dir, "--out", tmp_path / "demo", "--max-eval", 2, "--k", 2,
+                 "--epochs", "1", *QUIET)
+    assert rc == 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["train_examples"] == 16 and results["hyperparameters"]["batch_size"] == 4
+    rc = run_cli("demo", "--model", model_dir, "--data", FIXTURES, "--out", tmp_path / "demo_data", "--max-train", 3,
+                 "--max-eval", 2, "--k", 2, "--epochs", "1", *QUIET)
+    assert rc == 0
+    results = json.loads((tmp_path / "demo_data" / "results.json").read_text())
+    assert results["train_examples"] == 3 and results["hyperparameters"]["batch_size"] == 8
+
+
 def test_errors_are_one_line_without_traceback(model_dir, tmp_path, capsys):
     assert run_cli("run", "--task", "clutrr", "--data", tmp_path / "nowhere", "--model", model_dir) == 1
     assert "data folder not found" in one_error_line(capsys)
