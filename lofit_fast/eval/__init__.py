@@ -13,7 +13,7 @@ from .generation import (
     normalize_answer,
 )
 from .stats import paired_bootstrap
-from .truthfulqa import mc_scores, score_answers, score_token_continuations, truthfulqa_mc
+from .truthfulqa import mc_scores, score_answers, score_token_continuations, takes_kv_cache, truthfulqa_mc
 
 # Where a generated answer ends, per task (CLUTRR's official scorer also cuts at the first period).
 STOP_STRINGS = {"clutrr": ("\n", "."), "mquake": ("\n",)}
@@ -35,6 +35,7 @@ __all__ = [
     "mc_scores",
     "score_answers",
     "score_token_continuations",
+    "takes_kv_cache",
     "generation_accuracy",
     "generate_greedy",
     "normalize_answer",

@@ -99,7 +99,7 @@ def score_with_shared_prompts(
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts (one per prompt)")
-    if not {"past_key_values", "position_ids", "logits_to_keep"} <= forward_parameters(model):
+    if not takes_kv_cache(model):
         # A model without a KV cache interface: every (prompt, answer) pair on its own.
         names = None if adapter_names is None else [n for n, group in zip(adapter_names, answers) for _ in group]
         flat = iter(score_answers(model, tokenizer, [(p, a) for p, group in zip(prompts, answers) for a in group],
@@ -115,6 +115,11 @@ def score_with_shared_prompts(
                                        batch_tokens=batch_tokens, max_rows=max_rows, progress=progress, desc=desc,
                                        adapter_names=adapter_names)
     return [[logp for logp, _ in row] for row in scored]
+
+
+def takes_kv_cache(model) -> bool:
+    """Whether `model.forward` takes what `score_token_continuations` passes (a KV cache, positions, kept logits)."""
+    return {"past_key_values", "position_ids", "logits_to_keep"} <= forward_parameters(model)
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> List[int]:
@@ -143,7 +148,7 @@ def score_token_continuations(
 ) -> List[List[Tuple[float, bool]]]:
     """(Σ log p(answer tokens | prompt), whether every answer token is the argmax) for every tokenized answer of
     every tokenized prompt, the prompt run once (the core of `score_with_shared_prompts`, which documents the
-    batching). The model must take past_key_values, position_ids and logits_to_keep.
+    batching). The model must take past_key_values, position_ids and logits_to_keep (`takes_kv_cache`).
 
     When all prompts start with the same `min_shared` or more tokens (a few-shot primer or an instruction), that
     common prefix runs once for the whole call and every batch continues from a copy of its KV cache (not with

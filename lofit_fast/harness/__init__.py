@@ -21,8 +21,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..adapter import load_adapter
-from ..eval import score_token_continuations
-from ..losses import forward_parameters
+from ..eval import score_token_continuations, takes_kv_cache
 from ..models import load_model
 from .tasks import TASKS, write_task_configs
 
@@ -82,7 +81,7 @@ class LofitLM(HFLM):
         cache interface (truncation from the left would change the shared context per request)."""
         if not self.shared_prefix or self.backend != "causal" or not requests:
             return False
-        if not {"past_key_values", "position_ids", "logits_to_keep"} <= forward_parameters(self.model):
+        if not takes_kv_cache(self.model):
             return False
         return all(context and continuation and len(context) + len(continuation) <= self.max_length + 1
                    for _, context, continuation in requests)
