@@ -242,6 +242,37 @@ def test_run_with_a_selection_from_another_task_skips_step_1(model_dir, tmp_path
     assert "selection file not found" in capsys.readouterr().err
 
 
+def test_seeds_run_takes_each_seeds_own_selection_from_a_seeds_folder(model_dir, tmp_path, capsys):
+    """--selection DIR with --seeds: seed S tunes the heads of DIR/seed_S/selection.json (a cross-task run over
+    seeds pairs each seed with the heads its own seed selected on the other task); a missing seed is named."""
+    from lofit_fast.methods import HeadSelection
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    source = tmp_path / "tqa_seeds"
+    chosen = {1: [[0, 1], [layers - 1, 0]], 2: [[layers - 1, heads - 1], [0, 0]]}
+    for seed, top in chosen.items():
+        scores = torch.zeros(layers, heads)
+        for rank, (layer, head) in enumerate(top):
+            scores[layer, head] = 2.0 - rank
+        HeadSelection(scores, k=2, meta={"task": "truthfulqa"}).save(str(source / f"seed_{seed}" / "selection.json"))
+    out = tmp_path / "cross_seeds"
+    common = ["run", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, "--k", 2, "--out", out, *FAST]
+    assert run_cli(*common, "--seeds", "1,2", "--selection", source) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heads"] == {"1": chosen[1], "2": chosen[2]}
+    for seed in (1, 2):
+        results = json.loads((out / f"seed_{seed}" / "results.json").read_text())
+        assert results["selection_from"]["path"] == str(source / f"seed_{seed}" / "selection.json")
+        assert "select" not in results["seconds_by_stage"]
+    # a seed without its file is named before any work; a single run takes its --seed's file
+    capsys.readouterr()
+    assert run_cli(*common, "--seeds", "1,3", "--selection", source) == 1
+    err = one_error_line(capsys)
+    assert "no seed_3/selection.json for seed 3" in err and "seed_1, seed_2" in err
+    assert run_cli(*common, "--seed", "2", "--selection", source) == 0
+    assert json.loads((out / "results.json").read_text())["heads"] == chosen[2]
+
+
 @pytest.mark.parametrize("method,task,metrics", [("red", "mquake", {"accuracy"}), ("iti", "truthfulqa", {"mc1", "mc2"})])
 def test_run_method_compares_a_relative_with_the_base_model(model_dir, tmp_path, capsys, method, task, metrics):
     out = tmp_path / method
@@ -430,3 +461,41 @@ def test_fsdp_reaches_the_training_loop():
 
     assert train_kw(RunSettings(fsdp=True))["fsdp"] is True
     assert "fsdp" not in train_kw(RunSettings())
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_start_up_noise_from_torchao_is_dropped_and_nothing_else(cuda):
+    """The CLI drops torchao's 'Failed to load' warnings for its CUDA libraries where there is no CUDA, and torch's
+    deprecation warning about torchao's Enum registrations; any other warning of those loggers still shows."""
+    import logging
+    from lofit_fast.cli import quiet_foreign_start_up_noise
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.shown = []
+
+        def emit(self, record):
+            self.shown.append(record.getMessage())
+
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    before = [(lg, list(lg.filters), lg.level) for lg in (torchao, pytree)]
+    keep = Keep()
+    try:
+        for lg in (torchao, pytree):
+            lg.addHandler(keep)
+            lg.setLevel(logging.WARNING)
+        quiet_foreign_start_up_noise(cuda)
+        torchao.warning("Failed to load /x/_C_mxfp8.so: Could not load this library")
+        torchao.warning("int4 weight-only needs CUDA")
+        pytree.warning("<enum 'K'> is an Enum subclass ... Calling register_constant() on Enum subclasses is "
+                       "deprecated")
+        pytree.warning("another pytree warning")
+        assert ("Failed to load /x/_C_mxfp8.so: Could not load this library" in keep.shown) == cuda
+        assert "int4 weight-only needs CUDA" in keep.shown and "another pytree warning" in keep.shown
+        assert not any("register_constant" in m for m in keep.shown)
+    finally:
+        for lg, filters, level in before:
+            lg.removeHandler(keep)
+            lg.filters[:] = filters
+            lg.setLevel(level)

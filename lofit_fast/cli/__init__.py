@@ -10,6 +10,7 @@ Errors a user can fix (a missing file, an unknown model, a bad option) print one
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -34,9 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_foreign_start_up_noise(cuda: bool) -> None:
+    """torchao (installed for --quantize) warns on every start that a CPU-only torch cannot load its CUDA kernel
+    libraries, and torch warns about torchao's deprecated pytree registrations. Neither concerns the user's run,
+    so those two messages are dropped (torchao's only where there is no CUDA); every other message stays."""
+    if not cuda:
+        logging.getLogger("torchao").addFilter(_DropMessages("Failed to load"))
+    logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("register_constant() on Enum subclasses"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
+
+    quiet_foreign_start_up_noise(torch.cuda.is_available())
     fill_task_defaults(args)
     try:
         check_args(args)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 from ..adapter.export import check_export_target
 from ..adapter.schema import CONFIG_NAME
 from ..data import TASKS
-from ..experiments import CLUTRR_TRAIN_SIZE, DEFAULT_LR, DEFAULT_SEED, load_model_for, task_items
+from ..experiments import CLUTRR_TRAIN_SIZE, DEFAULT_LR, DEFAULT_SEED, load_model_for, selection_file, task_items
 from ..experiments.recipes import DEFAULT_RECIPE, RECIPES, fill_recipe, with_prompt_style
 from ..experiments.settings import DTYPES, launch
 from ..methods.lofit import select_defaults
@@ -304,8 +304,13 @@ def check_args(args) -> None:
         total = head_count(args.model)
         if total is not None and k > total:
             raise UserError(f"--k {k}: the model has only {total} heads")
-    if getattr(args, "selection", None) and not os.path.isfile(args.selection):
-        raise UserError(f"selection file not found: {args.selection}")
+    if getattr(args, "selection", None):
+        seeds = getattr(args, "seeds", None) or [getattr(args, "seed", None)]
+        for seed in seeds:
+            try:
+                selection_file(args.selection, seed)
+            except FileNotFoundError as exc:
+                raise UserError(str(exc)) from None
     adapter = getattr(args, "adapter", None)
     paths = [adapter] if isinstance(adapter, str) else [p for _, p in adapter or []]
     if not isinstance(adapter, str) and adapter:

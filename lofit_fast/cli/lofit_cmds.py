@@ -65,7 +65,7 @@ def _heads_for_tune(args, model):
         return random_heads(model, args.k or default_k(model), seed=args.seed), None
     if args.heads:
         return args.heads, None
-    selection = load_selection(args.selection, model)
+    selection = load_selection(args.selection, model, seed=args.seed)
     return selection.top(args.k or selection.k or default_k(model)), selection
 
 
@@ -206,7 +206,8 @@ def cmd_demo(args) -> int:
     if scratch is not None:
         return _run_on_other_rank(args, scratch, train_items, eval_items)
     print(f"lofit-fast demo: LoFiT on {args.model}, {source}: {len(train_items)} training and "
-          f"{len(eval_items)} evaluation questions, {args.epochs} epochs per step", flush=True)
+          f"{len(eval_items)} evaluation questions, {args.epochs} epoch{'s' if args.epochs != 1 else ''} per step",
+          flush=True)
     results = run_experiment(args, train_items, eval_items)
     print_results(results, args.out)
     return 0
@@ -249,7 +250,9 @@ def register(sub) -> None:
     p.add_argument("--method", choices=RUN_METHODS, default="lofit",
                    help="lofit (default: base, LoFiT and random heads) or a relative to compare: base and the method")
     p.add_argument("--selection", help="skip step 1 and tune the top --k heads of this selection.json, e.g. one "
-                                       "selected on another task (cross-task head sets)")
+                                       "selected on another task (cross-task head sets); a run folder gives its "
+                                       "selection.json, and a --seeds run folder gives each seed its own "
+                                       "seed_S/selection.json")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="a short LoFiT run: a built-in TruthfulQA-style task, or TruthfulQA with --data")

@@ -2,7 +2,7 @@
 step 1, step 2, random heads, with resume), the comparison with LoFiT's relatives, and the paired evaluation
 of a finished run. The CLI and `bench/` call them; nothing here imports either."""
 from .factorial import Cell, all_cells, run_factorial
-from .lofit_run import evaluate_arm, load_selection, run_experiment, select, train_kw, tune_heads
+from .lofit_run import evaluate_arm, load_selection, run_experiment, select, selection_file, train_kw, tune_heads
 from .multi_eval import evaluate_adapters
 from .methods_run import METHODS, rep_tuning_examples, run_method, run_method_experiment
 from .paired import paired_evaluation, per_item_scores
@@ -21,8 +21,8 @@ from .settings import (
 
 __all__ = [
     "RunSettings", "run_experiment", "run_method", "run_method_experiment", "paired_evaluation", "per_item_scores",
-    "evaluate_arm", "select", "tune_heads", "train_kw", "load_selection", "METHODS", "DEFAULT_LR", "DEFAULT_SEED",
-    "CLUTRR_TRAIN_SIZE", "RESULT_KEYS", "previous_results", "write_json", "hyperparameters", "load_model_for",
+    "evaluate_arm", "select", "tune_heads", "train_kw", "load_selection", "selection_file", "METHODS", "DEFAULT_LR",
+    "DEFAULT_SEED", "CLUTRR_TRAIN_SIZE", "RESULT_KEYS", "previous_results", "write_json", "hyperparameters", "load_model_for",
     "splits", "task_items", "rep_tuning_examples", "run_seeds", "summarize", "evaluate_adapters", "Cell", "all_cells",
     "run_factorial",
 ]

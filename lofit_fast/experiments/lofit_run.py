@@ -96,10 +96,33 @@ def trainable_count(model) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def load_selection(path: str, model) -> HeadSelection:
-    """A selection.json from another run (e.g. another task: cross-task head sets), checked against the model."""
-    if not os.path.isfile(path):
+def selection_file(path: str, seed: Optional[int] = None) -> str:
+    """The selection.json that `path` names for a run with `seed`: the file itself; a run folder's
+    selection.json; or, in a seeds run folder (`run --seeds`), that seed's seed_<seed>/selection.json, so that
+    each seed of a cross-task run takes the heads its own seed selected on the other task."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
         raise FileNotFoundError(f"selection file not found: {path}")
+    per_seed = os.path.join(path, f"seed_{seed}", "selection.json") if seed is not None else None
+    if per_seed is not None and os.path.isfile(per_seed):
+        return per_seed
+    whole = os.path.join(path, "selection.json")
+    if os.path.isfile(whole):
+        return whole
+    seeded = sorted(name for name in os.listdir(path)
+                    if name.startswith("seed_") and os.path.isfile(os.path.join(path, name, "selection.json")))
+    if seeded:
+        raise FileNotFoundError(f"selection folder {path} has no seed_{seed}/selection.json for seed {seed} "
+                                f"(it has {', '.join(seeded)})")
+    raise FileNotFoundError(f"selection file not found: {path} is a folder with neither selection.json nor "
+                            f"seed_<seed>/selection.json")
+
+
+def load_selection(path: str, model, seed: Optional[int] = None) -> HeadSelection:
+    """A selection.json from another run (e.g. another task: cross-task head sets), checked against the model.
+    `path` may be a run folder or a seeds run folder (`selection_file`)."""
+    path = selection_file(path, seed)
     selection = HeadSelection.load(path)
     selection.check_model(model)
     return selection
@@ -200,6 +223,7 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
     given = settings.selection
     selection = previous_selection(selection_path, settings, model, len(train_items)) if resume and not given else None
     if given:
+        given = selection_file(given, settings.seed)
         selection = load_selection(given, model)
         source = selection.meta.get("task", "?")
         log(settings, f"head selection from {given} (selected on {source}); step 1 skipped")

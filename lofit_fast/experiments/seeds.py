@@ -9,7 +9,7 @@ import os
 import time
 from typing import Dict, List, Sequence
 
-from .lofit_run import run_experiment
+from .lofit_run import run_experiment, selection_file
 from .results import write_json
 from .settings import RunSettings, load_model_for, log
 
@@ -37,6 +37,9 @@ def run_seeds(settings, train_items: Sequence, eval_items: Sequence, seeds: Sequ
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    if settings.selection:  # every seed's heads found before the first seed trains
+        for seed in seeds:
+            selection_file(settings.selection, seed)
     start = time.perf_counter()
     if model is None:
         model, tokenizer = load_model_for(settings)
