@@ -271,6 +271,24 @@ def test_seeds_run_takes_each_seeds_own_selection_from_a_seeds_folder(model_dir,
     assert "no seed_3/selection.json for seed 3" in err and "seed_1, seed_2" in err
     assert run_cli(*common, "--seed", "2", "--selection", source) == 0
     assert json.loads((out / "results.json").read_text())["heads"] == chosen[2]
+    # bench/cross_task_table.py pairs these seeds with a run that selected its own heads
+    own = tmp_path / "own_seeds"
+    assert run_cli("run", "--model", model_dir, "--task", "mquake", "--data", FIXTURES, "--k", 2, "--out", own,
+                   "--seeds", "1,2", *FAST) == 0
+    from bench_scripts import load_bench
+    table = load_bench("cross_task_table")
+    report = table.compare(str(own), str(out), samples=200)
+    assert report["seeds"] == [1, 2] and report["source"] == ["truthfulqa"]
+    for seed in (1, 2):
+        a, b = (json.loads((d / f"seed_{seed}" / "results.json").read_text()) for d in (own, out))
+        row = report["per_seed"][seed]
+        assert row["own"] == a["lofit"] and row["cross"] == b["lofit"] and row["random"] == a["random"]
+        assert row["paired"]["accuracy"]["mean_diff"] == pytest.approx(a["lofit"]["accuracy"] - b["lofit"]["accuracy"])
+        assert row["shared_heads"] == len({tuple(h) for h in a["heads"]} & {tuple(h) for h in chosen[seed]})
+    text = table.render(str(own), str(out), samples=200)
+    assert "own − cross" in text and "heads selected on truthfulqa" in text
+    with pytest.raises(ValueError, match="no heads from another task|without heads from another task"):
+        table.compare(str(own), str(own))
 
 
 @pytest.mark.parametrize("method,task,metrics", [("red", "mquake", {"accuracy"}), ("iti", "truthfulqa", {"mc1", "mc2"})])

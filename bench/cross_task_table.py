@@ -1,0 +1,125 @@
+"""Task-specific heads against another task's heads, over seeds: the markdown table of two `lofit-fast run
+--seeds ...` folders on the same task and evaluation items, one with step 1 on the task itself (OWN) and one
+tuning heads selected on another task (CROSS, `--selection OTHER_SEEDS_RUN`). Per seed: both LoFiT arms, the
+random-heads arm, the heads the two sets share, and the paired bootstrap interval of own − cross per item;
+over seeds: mean ± sample standard deviation of each arm and of the differences.
+
+    python bench/cross_task_table.py runs/mquake_plain runs/mquake_tqa_heads --out table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lofit_fast.eval import paired_bootstrap  # noqa: E402
+
+
+def _mean_std(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _load(run_dir: str) -> dict:
+    path = Path(run_dir, "summary.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no summary.json: not the --out folder of `lofit-fast run --seeds`")
+    summary = json.loads(path.read_text())
+    runs = {s: json.loads(Path(run_dir, f"seed_{s}", "results.json").read_text()) for s in summary["seeds"]}
+    return {"summary": summary, "runs": runs}
+
+
+def compare(own_dir: str, cross_dir: str, samples: int = 10000) -> dict:
+    """{"task", "seeds", "metrics", "source", "per_seed": {seed: {...}}, "over_seeds": {metric: {...}}}."""
+    own, cross = _load(own_dir), _load(cross_dir)
+    task = own["summary"]["task"]
+    if cross["summary"]["task"] != task:
+        raise ValueError(f"{own_dir} is a {task} run and {cross_dir} a {cross['summary']['task']} run")
+    seeds = [s for s in own["summary"]["seeds"] if s in cross["runs"]]
+    if not seeds:
+        raise ValueError(f"{own_dir} and {cross_dir} share no seed")
+    metrics = list(own["summary"]["summary"]["lofit"])
+    sources = {cross["runs"][s].get("selection_from", {}).get("task") for s in seeds}
+    if None in sources:
+        raise ValueError(f"{cross_dir} has a seed without heads from another task (no selection_from)")
+    per_seed = {}
+    for s in seeds:
+        a, b = own["runs"][s], cross["runs"][s]
+        if a["eval_examples"] != b["eval_examples"] or a["hyperparameters"] != b["hyperparameters"]:
+            raise ValueError(f"seed {s}: the two runs differ in evaluation items or hyper-parameters")
+        row = {"own": a["lofit"], "cross": b["lofit"], "random": a["random"],
+               "shared_heads": len({tuple(h) for h in a["heads"]} & {tuple(h) for h in b["heads"]}),
+               "own_heads": a["heads"], "cross_heads": b["heads"], "paired": {}}
+        for m in metrics:
+            ours, theirs = a["item_scores"]["lofit"][m], b["item_scores"]["lofit"][m]
+            row["paired"][m] = paired_bootstrap(ours, theirs, samples=samples)
+        per_seed[s] = row
+    over = {}
+    for m in metrics:
+        cols = {name: [per_seed[s][name][m] for s in seeds] for name in ("own", "cross", "random")}
+        own_minus_cross = [o - c for o, c in zip(cols["own"], cols["cross"])]
+        cross_minus_random = [c - r for c, r in zip(cols["cross"], cols["random"])]
+        over[m] = {name: _mean_std(v) for name, v in cols.items()}
+        over[m]["own - cross"] = _mean_std(own_minus_cross)
+        over[m]["cross - random"] = _mean_std(cross_minus_random)
+    return {"task": task, "seeds": seeds, "metrics": metrics, "source": sorted(sources),
+            "eval_examples": own["runs"][seeds[0]]["eval_examples"], "per_seed": per_seed, "over_seeds": over}
+
+
+def render(own_dir: str, cross_dir: str, samples: int = 10000) -> str:
+    r = compare(own_dir, cross_dir, samples)
+    ms, src = r["metrics"], "/".join(r["source"])
+    lines = [f"{r['task']}, {r['eval_examples']} evaluation items, seeds {', '.join(map(str, r['seeds']))}: LoFiT "
+             f"with heads selected on {r['task']} (own) against heads selected on {src} (cross), each seed paired "
+             f"with the same seed's selection, initialization and data order (mean ± sample standard deviation "
+             f"over seeds)", "", "| arm | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+    names = {"own": f"LoFiT, {r['task']} heads", "cross": f"LoFiT, {src} heads", "random": "random heads",
+             "own - cross": "own − cross", "cross - random": "cross − random"}
+    for key, label in names.items():
+        signed = "-" in key
+        cells = []
+        for m in ms:
+            mean, std = r["over_seeds"][m][key]
+            beyond = " (beyond the spread)" if signed and len(r["seeds"]) > 1 and abs(mean) > std else ""
+            cells.append(f"{mean:+.3f} ± {std:.3f}{beyond}" if signed else f"{mean:.3f} ± {std:.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | " + " | ".join(f"own {m} | cross {m} | own − cross {m} (paired 95 %)" for m in ms)
+              + " | shared heads | cross heads |", "|---|" + "---|" * (3 * len(ms) + 2)]
+    for s, row in r["per_seed"].items():
+        cells = []
+        for m in ms:
+            p = row["paired"][m]
+            cells += [f"{row['own'][m]:.3f}", f"{row['cross'][m]:.3f}",
+                      f"{p['mean_diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"]
+        cells += [f"{row['shared_heads']} of {len(row['own_heads'])}",
+                  " ".join(f"{l}:{h}" for l, h in row["cross_heads"])]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("own", help="the seeds run with the task's own step 1")
+    ap.add_argument("cross", help="the seeds run with --selection from another task")
+    ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    args = ap.parse_args(argv)
+    try:
+        text = render(args.own, args.cross, args.samples)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cross_task_table: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
