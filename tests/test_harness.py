@@ -103,6 +103,55 @@ def test_lm_eval_judges_a_finished_run(model_dir, tmp_path):
     assert (out / "lm_eval.json").is_file() and "| mc2 | lofit |" in markdown(report)
 
 
+def test_lm_eval_judges_every_seed_of_a_seeds_run(model_dir, tmp_path, monkeypatch):
+    """bench/lm_eval_compare.py --seeds-run: each seed's arms judged as lm_eval_comparison judges a single run, the
+    base model scored once, mean ± std over seeds; an up-to-date seed is reused, a stale one scored again."""
+    from lofit_fast.cli import main
+    from lofit_fast.experiments import judge
+
+    out = tmp_path / "seeds"
+    assert main(["run", "--model", str(model_dir), "--task", "truthfulqa", "--data", str(DATA), "--k", "2",
+                 "--epochs", "1", "--batch-size", "2", "--threads", "1", "--quiet", "--device", "cpu",
+                 "--seeds", "1,2", "--out", str(out)]) == 0
+    calls = []
+    real = judge.lm_eval_scores
+
+    def counted(data, adapters, **kw):
+        calls.append(sorted(adapters))
+        return real(data, adapters, **kw)
+
+    monkeypatch.setattr(judge, "lm_eval_scores", counted)
+    summary = judge.lm_eval_seeds(str(out), str(DATA), batch_size=4)
+    assert calls == [["base", "lofit_1", "lofit_2", "random_1", "random_2"]] and summary["scored"] == [1, 2]
+    single = json.loads((out / "seed_2" / "lm_eval.json").read_text())
+    again = judge.lm_eval_comparison(str(out / "seed_2"), str(DATA), batch_size=4)
+    for metric in ("mc1", "mc2"):
+        assert single["metrics"][metric]["lm_eval"] == pytest.approx(again["metrics"][metric]["lm_eval"])
+        row = summary["metrics"][metric]
+        per_seed = [json.loads((out / f"seed_{s}" / "lm_eval.json").read_text())["metrics"][metric] for s in (1, 2)]
+        values = [r["lm_eval"]["lofit"] for r in per_seed]
+        assert row["lm_eval"]["lofit"]["values"] == values
+        assert row["lm_eval"]["lofit"]["mean"] == pytest.approx(sum(values) / 2)
+        assert row["lm_eval"]["base"]["std"] == 0.0
+        gains = [r["gains"]["lofit - random"]["lm_eval"] for r in per_seed]
+        assert row["gains"]["lofit - random"]["lm_eval"]["values"] == gains
+    calls.clear()
+    # seed 1's record no longer matches its results.json: only seed 1 is scored, with seed 2's base
+    stale = json.loads((out / "seed_1" / "lm_eval.json").read_text())
+    stale["metrics"]["mc1"]["lofit_fast"]["lofit"] += 0.5
+    (out / "seed_1" / "lm_eval.json").write_text(json.dumps(stale))
+    redo = judge.lm_eval_seeds(str(out), str(DATA), batch_size=4)
+    assert calls == [["lofit_1", "random_1"]] and redo["scored"] == [1]
+    for metric in ("mc1", "mc2"):
+        for judge_name in ("lofit_fast", "lm_eval"):
+            for arm in ("base", "lofit", "random"):
+                assert redo["metrics"][metric][judge_name][arm]["values"] == pytest.approx(
+                    summary["metrics"][metric][judge_name][arm]["values"], abs=1e-6)
+    mc2 = summary["metrics"]["mc2"]["lm_eval"]
+    assert mc2["lofit"]["values"] != mc2["base"]["values"]
+    assert "| mc1 | lofit - random |" in judge.markdown_seeds(redo) and (out / "lm_eval_summary.json").is_file()
+
+
 def test_lm_eval_judges_the_adapters_of_a_recipe_factorial(model_dir, tmp_path):
     """bench/lm_eval_compare.py --factorial: every cell's adapter scored by lm-eval, its gain over lm-eval's base
     beside the factorial's own gain over the base on the cell's prompt."""

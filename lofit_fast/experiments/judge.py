@@ -27,12 +27,8 @@ def _ordering(scores: Dict[str, float]):
     return sorted(scores, key=lambda arm: -scores[arm])
 
 
-def lm_eval_comparison(run: str, data: str, *, batch_size: int = 8, backend: str = "auto",
-                       device: str = "cpu") -> dict:
-    """{"metrics": {metric: {"lofit_fast": {arm: value}, "lm_eval": {arm: value}, "gains": {...},
-    "same_ordering": bool}}, ...} for the run folder `run` (a finished `lofit-fast run`, with adapter/ and
-    random_adapter/) on the data it used, on the same items (fold and --max-eval of the run); also written to
-    run/lm_eval.json."""
+def _finished_run(run: str):
+    """(results.json, {arm: adapter folder or None}) of a finished `lofit-fast run` folder."""
     with open(os.path.join(run, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
     task = results.get("task")
@@ -44,16 +40,17 @@ def lm_eval_comparison(run: str, data: str, *, batch_size: int = 8, backend: str
     if missing or any(arm not in results for arm in ARMS):
         raise ValueError(f"{run}: not a finished run with its adapters ({', '.join(missing) or 'results.json'} "
                          f"missing); rerun it with this version of lofit-fast run")
-    hyper = results.get("hyperparameters", {})
-    tasks = TASK_METRICS[task]
-    table = lm_eval_scores(data, adapters, tasks=list(tasks.values()), model=results["model"],
-                           fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), batch_size=batch_size,
-                           backend=backend, device=device)
+    return results, adapters
+
+
+def _report(run: str, results: dict, scores: Dict[str, Dict[str, float]]) -> dict:
+    """The comparison of one run from lm-eval's `scores` {arm: {lm-eval task: value}}; written to run/lm_eval.json."""
+    task = results["task"]
     report = {"run": str(run), "task": task, "model": results["model"], "eval_examples": results["eval_examples"],
               "metrics": {}}
-    for metric, lm_task in tasks.items():
+    for metric, lm_task in TASK_METRICS[task].items():
         ours = {arm: float(results[arm][metric]) for arm in ARMS}
-        theirs = {arm: table[arm][lm_task] for arm in ARMS}
+        theirs = {arm: scores[arm][lm_task] for arm in ARMS}
         report["metrics"][metric] = {
             "lm_eval_task": lm_task,
             "lofit_fast": ours,
@@ -65,6 +62,105 @@ def lm_eval_comparison(run: str, data: str, *, batch_size: int = 8, backend: str
         }
     atomic_write(os.path.join(run, "lm_eval.json"), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _items(results: dict) -> tuple:
+    hyper = results.get("hyperparameters", {})
+    keys = ("task", "model", "eval_examples", "eval_split")
+    return tuple(results.get(k) for k in keys) + (hyper.get("fold", 0), hyper.get("max_eval"))
+
+
+def lm_eval_comparison(run: str, data: str, *, batch_size: int = 8, backend: str = "auto",
+                       device: str = "cpu") -> dict:
+    """{"metrics": {metric: {"lofit_fast": {arm: value}, "lm_eval": {arm: value}, "gains": {...},
+    "same_ordering": bool}}, ...} for the run folder `run` (a finished `lofit-fast run`, with adapter/ and
+    random_adapter/) on the data it used, on the same items (fold and --max-eval of the run); also written to
+    run/lm_eval.json."""
+    results, adapters = _finished_run(run)
+    hyper = results.get("hyperparameters", {})
+    table = lm_eval_scores(data, adapters, tasks=list(TASK_METRICS[results["task"]].values()), model=results["model"],
+                           fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), batch_size=batch_size,
+                           backend=backend, device=device)
+    return _report(run, results, table)
+
+
+def lm_eval_seeds(run_dir: str, data: str, *, batch_size: int = 8, backend: str = "auto", device: str = "cpu",
+                  reuse: bool = True) -> dict:
+    """lm_eval_comparison for every seed of a `lofit-fast run --seeds` folder, in one lm-eval pass with the
+    (deterministic) base model scored once, then the mean ± sample standard deviation over seeds of every arm
+    and gain by both judges, and each seed's ordering check. With `reuse`, a seed whose seed_S/lm_eval.json
+    judged the same numbers (its lofit_fast values equal results.json) is not scored again, and its base
+    score serves the others. Writes seed_S/lm_eval.json and run_dir/lm_eval_summary.json."""
+    from .seeds import mean_std
+
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        seeds = [int(s) for s in json.load(f)["seeds"]]
+    runs = {s: os.path.join(run_dir, f"seed_{s}") for s in seeds}
+    finished = {s: _finished_run(path) for s, path in runs.items()}
+    first = finished[seeds[0]][0]
+    for s, (results, _) in finished.items():
+        if _items(results) != _items(first):
+            raise ValueError(f"{runs[s]}: evaluated on other items than {runs[seeds[0]]}")
+    metrics = TASK_METRICS[first["task"]]
+    reports: Dict[int, dict] = {}
+    base_scores: Optional[Dict[str, float]] = None
+    for s, (results, _) in finished.items():
+        path = os.path.join(runs[s], "lm_eval.json")
+        if not (reuse and os.path.isfile(path)):
+            continue
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        same = set(old.get("metrics", {})) == set(metrics) and all(
+            old["metrics"][m]["lofit_fast"] == {arm: float(results[arm][m]) for arm in ARMS} for m in metrics)
+        if same:
+            reports[s] = old
+            base_scores = {lm_task: old["metrics"][m]["lm_eval"]["base"] for m, lm_task in metrics.items()}
+    todo = [s for s in seeds if s not in reports]
+    if todo:
+        adapters: Dict[str, Optional[str]] = {} if base_scores is not None else {"base": None}
+        for s in todo:
+            adapters[f"lofit_{s}"] = finished[s][1]["lofit"]
+            adapters[f"random_{s}"] = finished[s][1]["random"]
+        hyper = first.get("hyperparameters", {})
+        table = lm_eval_scores(data, adapters, tasks=list(metrics.values()), model=first["model"],
+                               fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), batch_size=batch_size,
+                               backend=backend, device=device)
+        base = base_scores if base_scores is not None else table["base"]
+        for s in todo:
+            scores = {"base": base, "lofit": table[f"lofit_{s}"], "random": table[f"random_{s}"]}
+            reports[s] = _report(runs[s], finished[s][0], scores)
+    summary = {"run": str(run_dir), "task": first["task"], "model": first["model"],
+               "eval_examples": first["eval_examples"], "seeds": seeds, "scored": todo, "metrics": {}}
+    for m in metrics:
+        rows = [reports[s]["metrics"][m] for s in seeds]
+        entry = {judge: {arm: mean_std([r[judge][arm] for r in rows]) for arm in ARMS}
+                 for judge in ("lofit_fast", "lm_eval")}
+        entry["gains"] = {name: {judge: mean_std([r["gains"][name][judge] for r in rows])
+                                 for judge in ("lofit_fast", "lm_eval")} for name in rows[0]["gains"]}
+        entry["same_ordering"] = {str(s): r["same_ordering"] for s, r in zip(seeds, rows)}
+        summary["metrics"][m] = entry
+    atomic_write(os.path.join(run_dir, "lm_eval_summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _pm(row: dict, signed: bool = False) -> str:
+    return (f"{row['mean']:+.3f}" if signed else f"{row['mean']:.3f}") + f" ± {row['std']:.3f}"
+
+
+def markdown_seeds(summary: dict) -> str:
+    """lm_eval_seeds' summary as a markdown table: every arm and gain, mean ± std over seeds, by both judges."""
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"{summary['task']} ({summary['eval_examples']} items), model {summary['model']}, seeds {seeds} "
+             f"(mean ± sample standard deviation over seeds)", "",
+             "| metric | arm | lofit_fast | lm-eval |", "|---|---|---|---|"]
+    for metric, entry in summary["metrics"].items():
+        for arm in ARMS:
+            lines.append(f"| {metric} | {arm} | {_pm(entry['lofit_fast'][arm])} | {_pm(entry['lm_eval'][arm])} |")
+        for name, gain in entry["gains"].items():
+            lines.append(f"| {metric} | {name} | {_pm(gain['lofit_fast'], True)} | {_pm(gain['lm_eval'], True)} |")
+        same = entry["same_ordering"]
+        lines.append(f"| {metric} | same ordering | {sum(same.values())} of {len(same)} seeds | |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict) -> str:
