@@ -503,7 +503,10 @@ def test_start_up_noise_from_torchao_is_dropped_and_nothing_else(cuda):
         for lg in (torchao, pytree):
             lg.addHandler(keep)
             lg.setLevel(logging.WARNING)
+            lg.filters[:] = []  # as in a new process (earlier main() calls here added the CPU filters)
         quiet_foreign_start_up_noise(cuda)
+        quiet_foreign_start_up_noise(cuda)
+        assert len(torchao.filters) == (0 if cuda else 1) and len(pytree.filters) == 1
         torchao.warning("Failed to load /x/_C_mxfp8.so: Could not load this library")
         torchao.warning("int4 weight-only needs CUDA")
         pytree.warning("<enum 'K'> is an Enum subclass ... Calling register_constant() on Enum subclasses is "

@@ -49,9 +49,13 @@ def quiet_foreign_start_up_noise(cuda: bool) -> None:
     """torchao (installed for --quantize) warns on every start that a CPU-only torch cannot load its CUDA kernel
     libraries, and torch warns about torchao's deprecated pytree registrations. Neither concerns the user's run,
     so those two messages are dropped (torchao's only where there is no CUDA); every other message stays."""
+    wanted = [("torch.utils._pytree", "register_constant() on Enum subclasses")]
     if not cuda:
-        logging.getLogger("torchao").addFilter(_DropMessages("Failed to load"))
-    logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("register_constant() on Enum subclasses"))
+        wanted.append(("torchao", "Failed to load"))
+    for name, fragment in wanted:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.fragments == (fragment,) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragment))  # once, however many times main() runs in a process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
