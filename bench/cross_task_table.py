@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lofit_fast.eval import paired_bootstrap  # noqa: E402
+from lofit_fast.experiments.seeds import mean_std  # noqa: E402
 
 
 def _mean_std(values):
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+    row = mean_std(values)
+    return row["mean"], row["std"]
 
 
 def _load(run_dir: str) -> dict:

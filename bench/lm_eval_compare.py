@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lofit_fast.experiments.judge import (  # noqa: E402
-    lm_eval_comparison, lm_eval_factorial, lm_eval_seeds, markdown, markdown_factorial, markdown_seeds)
+    lm_eval_comparison, lm_eval_factorial, lm_eval_seeds, markdown, markdown_factorial)
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if args.seeds_run:
         summary = lm_eval_seeds(args.seeds_run, args.data, batch_size=args.batch_size, backend=args.backend,
                                 reuse=not args.rescore)
-        print(markdown_seeds(summary))
+        print(markdown(summary))
         return 0
     report = lm_eval_comparison(args.run, args.data, batch_size=args.batch_size, backend=args.backend)
     print(markdown(report))

@@ -143,36 +143,29 @@ def lm_eval_seeds(run_dir: str, data: str, *, batch_size: int = 8, backend: str 
     return summary
 
 
-def _pm(row: dict, signed: bool = False) -> str:
-    return (f"{row['mean']:+.3f}" if signed else f"{row['mean']:.3f}") + f" ± {row['std']:.3f}"
-
-
-def markdown_seeds(summary: dict) -> str:
-    """lm_eval_seeds' summary as a markdown table: every arm and gain, mean ± std over seeds, by both judges."""
-    seeds = ", ".join(map(str, summary["seeds"]))
-    lines = [f"{summary['task']} ({summary['eval_examples']} items), model {summary['model']}, seeds {seeds} "
-             f"(mean ± sample standard deviation over seeds)", "",
-             "| metric | arm | lofit_fast | lm-eval |", "|---|---|---|---|"]
-    for metric, entry in summary["metrics"].items():
-        for arm in ARMS:
-            lines.append(f"| {metric} | {arm} | {_pm(entry['lofit_fast'][arm])} | {_pm(entry['lm_eval'][arm])} |")
-        for name, gain in entry["gains"].items():
-            lines.append(f"| {metric} | {name} | {_pm(gain['lofit_fast'], True)} | {_pm(gain['lm_eval'], True)} |")
-        same = entry["same_ordering"]
-        lines.append(f"| {metric} | same ordering | {sum(same.values())} of {len(same)} seeds | |")
-    return "\n".join(lines) + "\n"
+def _value(value, signed: bool = False) -> str:
+    """A judge's number: a value (4 decimals) or, over seeds, {"mean", "std"} as mean ± std (3 decimals)."""
+    if isinstance(value, dict):
+        return (f"{value['mean']:+.3f}" if signed else f"{value['mean']:.3f}") + f" ± {value['std']:.3f}"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
 def markdown(report: dict) -> str:
-    """The comparison as a markdown table (one row per metric and arm)."""
-    lines = [f"{report['task']} ({report['eval_examples']} items), model {report['model']}", "",
-             "| metric | arm | lofit_fast | lm-eval |", "|---|---|---|---|"]
+    """lm_eval_comparison's report, or lm_eval_seeds' summary (mean ± std over seeds), as a markdown table: one
+    row per metric and arm, then the gains and whether the two judges order the arms the same way."""
+    title = f"{report['task']} ({report['eval_examples']} items), model {report['model']}"
+    if "seeds" in report:
+        title += f", seeds {', '.join(map(str, report['seeds']))} (mean ± sample standard deviation over seeds)"
+    lines = [title, "", "| metric | arm | lofit_fast | lm-eval |", "|---|---|---|---|"]
     for metric, row in report["metrics"].items():
         for arm in ARMS:
-            lines.append(f"| {metric} | {arm} | {row['lofit_fast'][arm]:.4f} | {row['lm_eval'][arm]:.4f} |")
+            lines.append(f"| {metric} | {arm} | {_value(row['lofit_fast'][arm])} | {_value(row['lm_eval'][arm])} |")
         for name, gain in row["gains"].items():
-            lines.append(f"| {metric} | {name} | {gain['lofit_fast']:+.4f} | {gain['lm_eval']:+.4f} |")
-        lines.append(f"| {metric} | same ordering | {row['same_ordering']} | |")
+            ours, theirs = _value(gain["lofit_fast"], True), _value(gain["lm_eval"], True)
+            lines.append(f"| {metric} | {name} | {ours} | {theirs} |")
+        same = row["same_ordering"]
+        same = f"{sum(same.values())} of {len(same)} seeds" if isinstance(same, dict) else same
+        lines.append(f"| {metric} | same ordering | {same} | |")
     return "\n".join(lines) + "\n"
 
 
