@@ -14,6 +14,7 @@ from typing import Dict, Optional, Sequence
 
 from .._files import atomic_write
 from ..harness import evaluate as lm_eval_scores
+from .seeds import mean_std
 
 ARMS = ("base", "lofit", "random")
 TASK_METRICS = {
@@ -91,8 +92,6 @@ def lm_eval_seeds(run_dir: str, data: str, *, batch_size: int = 8, backend: str 
     and gain by both judges, and each seed's ordering check. With `reuse`, a seed whose seed_S/lm_eval.json
     judged the same numbers (its lofit_fast values equal results.json) is not scored again, and its base
     score serves the others. Writes seed_S/lm_eval.json and run_dir/lm_eval_summary.json."""
-    from .seeds import mean_std
-
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
         seeds = [int(s) for s in json.load(f)["seeds"]]
     runs = {s: os.path.join(run_dir, f"seed_{s}") for s in seeds}
