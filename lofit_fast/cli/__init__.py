@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import torch
+
 from . import adapter_cmds, generate_cmds, lofit_cmds, method_cmds
 from .common import UserError, check_args, fill_task_defaults
 
@@ -61,8 +63,6 @@ def quiet_foreign_start_up_noise(cuda: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import torch
-
     quiet_foreign_start_up_noise(torch.cuda.is_available())
     fill_task_defaults(args)
     try:

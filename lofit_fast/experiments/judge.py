@@ -44,13 +44,25 @@ def _finished_run(run: str):
     return results, adapters
 
 
+def _own_numbers(results: dict, metric: str) -> Dict[str, float]:
+    """The run's own value of `metric` for every arm (lofit_fast's judgment)."""
+    return {arm: float(results[arm][metric]) for arm in ARMS}
+
+
+def _lm_eval(data: str, adapters: Dict[str, Optional[str]], results: dict, **kw) -> Dict[str, Dict[str, float]]:
+    """lm-eval's scores of `adapters` on the items `results` (a run's results.json) was evaluated on."""
+    hyper = results.get("hyperparameters", {})
+    return lm_eval_scores(data, adapters, tasks=list(TASK_METRICS[results["task"]].values()), model=results["model"],
+                          fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), **kw)
+
+
 def _report(run: str, results: dict, scores: Dict[str, Dict[str, float]]) -> dict:
     """The comparison of one run from lm-eval's `scores` {arm: {lm-eval task: value}}; written to run/lm_eval.json."""
     task = results["task"]
     report = {"run": str(run), "task": task, "model": results["model"], "eval_examples": results["eval_examples"],
               "metrics": {}}
     for metric, lm_task in TASK_METRICS[task].items():
-        ours = {arm: float(results[arm][metric]) for arm in ARMS}
+        ours = _own_numbers(results, metric)
         theirs = {arm: scores[arm][lm_task] for arm in ARMS}
         report["metrics"][metric] = {
             "lm_eval_task": lm_task,
@@ -78,10 +90,7 @@ def lm_eval_comparison(run: str, data: str, *, batch_size: int = 8, backend: str
     random_adapter/) on the data it used, on the same items (fold and --max-eval of the run); also written to
     run/lm_eval.json."""
     results, adapters = _finished_run(run)
-    hyper = results.get("hyperparameters", {})
-    table = lm_eval_scores(data, adapters, tasks=list(TASK_METRICS[results["task"]].values()), model=results["model"],
-                           fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), batch_size=batch_size,
-                           backend=backend, device=device)
+    table = _lm_eval(data, adapters, results, batch_size=batch_size, backend=backend, device=device)
     return _report(run, results, table)
 
 
@@ -110,7 +119,7 @@ def lm_eval_seeds(run_dir: str, data: str, *, batch_size: int = 8, backend: str 
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         same = set(old.get("metrics", {})) == set(metrics) and all(
-            old["metrics"][m]["lofit_fast"] == {arm: float(results[arm][m]) for arm in ARMS} for m in metrics)
+            old["metrics"][m]["lofit_fast"] == _own_numbers(results, m) for m in metrics)
         if same:
             reports[s] = old
             base_scores = {lm_task: old["metrics"][m]["lm_eval"]["base"] for m, lm_task in metrics.items()}
@@ -120,10 +129,7 @@ def lm_eval_seeds(run_dir: str, data: str, *, batch_size: int = 8, backend: str 
         for s in todo:
             adapters[f"lofit_{s}"] = finished[s][1]["lofit"]
             adapters[f"random_{s}"] = finished[s][1]["random"]
-        hyper = first.get("hyperparameters", {})
-        table = lm_eval_scores(data, adapters, tasks=list(metrics.values()), model=first["model"],
-                               fold=hyper.get("fold", 0), limit=hyper.get("max_eval"), batch_size=batch_size,
-                               backend=backend, device=device)
+        table = _lm_eval(data, adapters, first, batch_size=batch_size, backend=backend, device=device)
         base = base_scores if base_scores is not None else table["base"]
         for s in todo:
             scores = {"base": base, "lofit": table[f"lofit_{s}"], "random": table[f"random_{s}"]}
