@@ -124,7 +124,7 @@ def op_table(rows, shape) -> List[str]:
     cases = [("fwd", 4, "offset"), ("full", 4, "offset"), ("fwd", 4, "both"), ("full", 4, "both"),
              ("fwd", H, "scale"), ("full", H, "scale")]
     providers = [p for p in dict.fromkeys(op_case(r["provider"], 1, 2)[0] for r in rows) if p != "linear"]
-    lines = [f"| mode | case | N | F.linear ms | " + " | ".join(providers) + " |",
+    lines = ["| mode | case | N | F.linear ms | " + " | ".join(providers) + " |",
              "|---|---|---:|---:|" + "---:|" * len(providers)]
     names = {"offset": "v", "both": "A and v", "scale": "A"}
     for mode, K, params in cases:

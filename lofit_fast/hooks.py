@@ -9,7 +9,7 @@ in `model.parameters()` and `state_dict()`), with the same layout as `lofit_fast
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn as nn

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import transformers as tf
 

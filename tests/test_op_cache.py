@@ -112,9 +112,13 @@ def test_inference_mode_with_normal_parameters_caches():
     with torch.inference_mode():
         x = torch.randn(2, 8)
         assert cacheable((w,), (x,))
-        a = cache.get((w,), None, lambda: build_detached(lambda t: t * 2, w))
-        b = cache.get((w,), None, lambda: build_detached(lambda t: t * 2, w))
-    assert a is b and not a.is_inference()  # built outside inference mode: usable later with autograd
+        def double(t):
+            build(t)
+            return t * 2
+
+        a = cache.get((w,), None, lambda: build_detached(double, w))
+        b = cache.get((w,), None, lambda: build_detached(double, w))
+    assert a is b and build.calls == 1 and not a.is_inference()  # built outside inference mode: usable with autograd
     assert torch.equal(a, w * 2)
 
 

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from lofit_fast.integrations import AdapterCheckpointCallback, LoFiTTrainer, SFTCollator, adapter_trainer  # noqa: E402
+from lofit_fast.integrations.trainer import release_accelerate_preparation  # noqa: E402
 
 HEADS = [(0, 1), (1, 2)]
 SFT = [{"prompt": f"Q{i}: what is {i} + 1?", "completion": f" {i + 1}"} for i in range(8)]
@@ -145,6 +146,33 @@ def test_adapter_trainer_builds_one_class_per_trainer():
     assert adapter_trainer(Trainer) is LoFiTTrainer and adapter_trainer(LoFiTTrainer) is LoFiTTrainer
     with pytest.raises(TypeError, match="Trainer subclass"):
         adapter_trainer(dict)
+
+
+def test_release_undoes_an_earlier_accelerators_preparation():
+    from accelerate import Accelerator
+
+    model = _patched(init_std=1e-3).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert not release_accelerate_preparation(model)  # never prepared: nothing to undo
+    Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    assert model._is_accelerate_prepared and "forward" in model.__dict__
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, ref)  # runs under bf16 autocast now
+    assert release_accelerate_preparation(model)
+    assert "forward" not in vars(model) and "_original_forward" not in vars(model)
+    assert not getattr(model, "_is_accelerate_prepared", False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    assert not release_accelerate_preparation(model)
+
+    own = _patched()
+    own_forward = own.forward
+    own.forward = lambda *a, **k: own_forward(*a, **k)  # an instance forward set before accelerate came
+    mine = own.forward
+    Accelerator(mixed_precision="bf16", cpu=True).prepare_model(own)
+    assert own.forward is not mine and release_accelerate_preparation(own) and own.forward is mine
 
 
 def test_unpatched_model_saves_as_trainer_does(tmp_path):
@@ -288,12 +316,13 @@ def test_smollm2_in_trl_sft_and_dpo_trainers(tmp_path):
     assert len(losses) == 3 and min(losses[1:]) < losses[0], losses
     _assert_adapter_only(tmp_path / "sft" / "checkpoint-3")
 
-    # A fresh model for DPO: one that a bf16 trainer already prepared keeps accelerate's autocast wrapper, and a
-    # second trainer in the same process then trains it without autocast while TRL's reference log-probs were
-    # computed with it, so the first loss is not log 2 (accelerate / transformers behaviour, not lofit_fast's)
-    model, tok = lofit_fast.load_model("smollm2")
-    lofit_fast.patch(model, [(9, 3), (17, 0)], scale=False, init_std=0.0)  # starts at the reference: loss log 2
-    lofit_fast.freeze_base(model)
+    # The same model object in a second trainer. The bf16 SFTTrainer left accelerate's autocast wrapper and prepared
+    # flag on it; unreleased, DPO would train it without autocast against reference log-probs taken with autocast,
+    # and the first loss would be 0.697, not log 2.
+    assert model._is_accelerate_prepared
+    with torch.no_grad():
+        for module in lofit_fast.patched_modules(model).values():
+            module.v.zero_()  # the policy is its reference again: the first DPO loss is log 2
     dpo = LoFiTDPOTrainer(model=model, ref_model=None, args=DPOConfig(str(tmp_path / "dpo"), max_steps=3, save_steps=3,
                                                                     **short),
                           train_dataset=Dataset.from_list(PREF[:6]), processing_class=tok)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from lofit_fast.patch import find_attention_sites
 
-from .common import HEADER, OOM, model_bytes, step2_heads
+from .common import HEADER, OOM, step2_heads
 from .timing import _free, _reset_grads, percentile, round_robin, synchronize, transient_peak_bytes
 from .providers import Provider
 

@@ -18,6 +18,7 @@ cannot be subclassed, `AdapterCheckpointCallback` writes the adapter next to eac
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -33,11 +34,35 @@ from ..patch import patched_modules
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the saved TrainingArguments
 
+logger = logging.getLogger(__name__)
+
 
 def is_adapter_checkpoint(directory) -> bool:
     """Whether `directory` holds a lofit_fast adapter (adapter.safetensors + adapter_config.json)."""
     d = Path(directory)
     return (d / WEIGHTS_NAME).is_file() and (d / CONFIG_NAME).is_file()
+
+
+def release_accelerate_preparation(model: nn.Module) -> bool:
+    """Undo what an earlier `accelerate.Accelerator.prepare_model` left on `model` itself: the mixed-precision
+    autocast wrapper around its `forward` and the `_is_accelerate_prepared` flag. Returns whether there was any.
+
+    Why: a model that one trainer prepared keeps both, and the next Accelerator skips a flagged model, so a second
+    trainer on the same model object does not set up its own precision. With TRL's DPOTrainer that breaks the
+    reference: its fused LM head calls the backbone outside the old wrapper, so training runs without autocast
+    while the precomputed reference log-probs were taken under the trainer's bf16 autocast, and the first loss of a
+    policy equal to its reference is not log 2. Released, the model is prepared again by the new trainer."""
+    state = model.__dict__
+    if "_original_forward" not in state and not state.get("_is_accelerate_prepared", False):
+        return False
+    original = state.pop("_original_forward", None)
+    if original is not None:
+        if getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is type(model).forward:
+            state.pop("forward", None)  # back to the class's forward
+        else:  # a forward someone had set on the instance before accelerate wrapped it
+            state["forward"] = original
+    state.pop("_is_accelerate_prepared", None)
+    return True
 
 
 def _unwrap(trainer, model: Optional[nn.Module] = None) -> nn.Module:
@@ -50,7 +75,17 @@ class AdapterCheckpointMixin:
     `save_model` and every checkpoint write the adapter (`lofit_fast.save_adapter`: A, v and heads, a few KB)
     plus the tokenizer and training arguments instead of the whole model, and resuming or
     `load_best_model_at_end` loads the adapter back (`lofit_fast.load_adapter`). Unpatched models are saved
-    and loaded as `Trainer` does."""
+    and loaded as `Trainer` does.
+
+    A patched model that an earlier trainer (or Accelerator) prepared is released first
+    (`release_accelerate_preparation`), so this trainer runs it in its own precision."""
+
+    def __init__(self, *args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module) and patched_modules(model) and release_accelerate_preparation(model):
+            logger.info("lofit_fast: released the model from an earlier Accelerator (its autocast wrapper and "
+                        "prepared flag) so that %s prepares it in its own precision", type(self).__name__)
+        super().__init__(*args, **kwargs)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         model = _unwrap(self)

@@ -128,7 +128,6 @@ class TorchBackend:
         return y
 
     def backward(self, dy, x_sel, weight, heads, A, head_dim, need_dx, need_dA, need_dv):
-        N = dy.shape[0]
         K = heads.numel()
         cols = selected_columns(heads, head_dim)
         dx = dA = dv = None
