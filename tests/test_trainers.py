@@ -148,15 +148,28 @@ def test_adapter_trainer_builds_one_class_per_trainer():
         adapter_trainer(dict)
 
 
+def _prepare_in_bf16(model):
+    """What a bf16 trainer's Accelerator does to the model, whatever accelerate's process-wide state already holds."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # another test's Accelerator may have fixed another precision
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    finally:
+        AcceleratorState._reset_state()
+
+
 def test_release_undoes_an_earlier_accelerators_preparation():
     from accelerate import Accelerator
 
+    Accelerator(cpu=True)  # as after an earlier fp32 trainer in the same process
     model = _patched(init_std=1e-3).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     assert not release_accelerate_preparation(model)  # never prepared: nothing to undo
-    Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    _prepare_in_bf16(model)
     assert model._is_accelerate_prepared and "forward" in model.__dict__
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, ref)  # runs under bf16 autocast now
@@ -171,7 +184,7 @@ def test_release_undoes_an_earlier_accelerators_preparation():
     own_forward = own.forward
     own.forward = lambda *a, **k: own_forward(*a, **k)  # an instance forward set before accelerate came
     mine = own.forward
-    Accelerator(mixed_precision="bf16", cpu=True).prepare_model(own)
+    _prepare_in_bf16(own)
     assert own.forward is not mine and release_accelerate_preparation(own) and own.forward is mine
 
 
