@@ -53,15 +53,14 @@ def release_accelerate_preparation(model: nn.Module) -> bool:
     while the precomputed reference log-probs were taken under the trainer's bf16 autocast, and the first loss of a
     policy equal to its reference is not log 2. Released, the model is prepared again by the new trainer."""
     state = model.__dict__
-    if "_original_forward" not in state and not state.get("_is_accelerate_prepared", False):
-        return False
     original = state.pop("_original_forward", None)
-    if original is not None:
-        if getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is type(model).forward:
-            state.pop("forward", None)  # back to the class's forward
-        else:  # a forward someone had set on the instance before accelerate wrapped it
-            state["forward"] = original
-    state.pop("_is_accelerate_prepared", None)
+    prepared = bool(state.pop("_is_accelerate_prepared", False))
+    if original is None:
+        return prepared
+    if getattr(original, "__self__", None) is model and getattr(original, "__func__", None) is type(model).forward:
+        state.pop("forward", None)  # back to the class's forward
+    else:  # a forward someone had set on the instance before accelerate wrapped it
+        state["forward"] = original
     return True
 
 
