@@ -4,12 +4,21 @@ representation tuning (untuned, online steering, token-only tuning, representati
 
     python bench/methods_table.py --data /work/shared/data --out runs/methods            # everything
     python bench/methods_table.py --max-train 48 --max-eval 60 --epochs 2                 # a reduced run
+    python bench/methods_table.py --seeds 42,43,44 --no-honesty --out runs/methods_seeds   # over seeds
+    python bench/methods_table.py --out runs/methods_seeds --report                        # the seeds table
+
+Every trained method follows one training recipe (`--recipe`, default the pipelines' default "plain": constant
+learning rate, no EOS, the `Q: {q}\nA:` prompt, no clipping; "official" for the authors' choices), and every
+method (base included) is evaluated with that recipe's prompt.
 
 Every method goes through `lofit_fast.experiments.run_method`, which trains with the shared loop
 (`lofit_fast.train.train`; TruthfulQA by DPO, CLUTRR/MQuAKE by completion cross-entropy), evaluates with
 `lofit_fast.eval.evaluate` and hands the model back unchanged, so one loaded model serves every row.
 Results are written after each row to OUT/results.json (a re-run skips rows already there; --fresh starts
-over) and the tables to OUT/table.md.
+over) and the tables to OUT/table.md. With --seeds each seed runs into OUT/seed_<seed>/ (so seeds can run in
+separate processes at once), and OUT/summary.json and OUT/table.md give every row's mean ± sample standard
+deviation over the seed folders present; a method left out of some seeds (the deterministic base model) is
+reported over the seeds that have it.
 """
 from __future__ import annotations
 
@@ -29,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from lofit_fast._files import atomic_write  # noqa: E402
 from lofit_fast.experiments import METHODS, run_method  # noqa: E402
+from lofit_fast.experiments.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
+from lofit_fast.experiments.seeds import mean_std  # noqa: E402
 
 TASKS = ("truthfulqa", "clutrr", "mquake")
 DEFAULT_METHODS = ("base", "iti", "repe", "lofit", "lora", "red")
@@ -52,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, each into OUT/seed_<seed>/ (e.g. 42,43,44)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(RECIPES),
+                   help=f"training recipe of every trained method and the evaluation prompt (default {DEFAULT_RECIPE})")
+    p.add_argument("--report", action="store_true", help="only write OUT/summary.json and OUT/table.md from OUT/seed_*/")
     p.add_argument("--repe-coeff", default="auto", help='"auto" (grid on training items) or a number')
     p.add_argument("--no-honesty", action="store_true", help="skip the honesty table")
     p.add_argument("--honesty-max-train", type=int, default=None, help="statements for the honesty tuning")
@@ -60,7 +75,22 @@ def parse_args(argv=None):
     p.add_argument("--steer-coeff", type=float, default=2.0, help="coefficient of the honesty steering row")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="ignore results already in OUT/results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+            p.error(f"--seeds must name distinct seeds, got {args.seeds}")
+    return args
+
+
+def recipe_kw(name: str) -> dict:
+    """run_method's keywords for a training recipe (its clipping 0 means none)."""
+    recipe = RECIPES[name]
+    return {"schedule": recipe["schedule"], "add_eos": recipe["add_eos"], "prompt_style": recipe["prompt_style"],
+            "max_grad_norm": recipe["max_grad_norm"] or None}
 
 
 def load_results(path: Path, fresh: bool) -> dict:
@@ -117,12 +147,15 @@ def run_tasks(args, model, tok, results, path):
             print(f"[run] {key}: {len(train)} train, {len(evaluation)} {split} ...", flush=True)
             torch.manual_seed(args.seed)
             kw = dict(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                      seed=args.seed, coeff=coeff, honesty_dir=args.honesty_dir, progress=False)
+                      seed=args.seed, coeff=coeff, honesty_dir=args.honesty_dir, progress=False,
+                      **recipe_kw(args.recipe))
             kw.update(extra)
             row = run_method(method, model, tok, task, train, evaluation, **kw)
             row["split"] = split
             row["name"] = name
             row["options"] = extra
+            row["seed"] = args.seed
+            row["recipe"] = args.recipe
             results["rows"][key] = row
             save(path, results)
             print(f"      {row['metrics']}  trainable {row['trainable_params']}  fit {row['seconds']:.0f}s  "
@@ -133,6 +166,7 @@ def run_honesty(args, model, tok, results, path):
     """Untuned / steering / token-only / representation tuning on the A/B honesty prompts and TruthfulQA MC."""
     from lofit_fast.data import load_split
     from lofit_fast.eval import truthfulqa_mc
+    from lofit_fast.experiments.recipes import with_prompt_style
     from lofit_fast.methods import rep_tuning as rt
     from lofit_fast.methods import repe
     from lofit_fast.patch import patched_modules, unpatch
@@ -147,7 +181,9 @@ def run_honesty(args, model, tok, results, path):
     if args.honesty_max_eval:
         facts = facts[: args.honesty_max_eval]
     choices = rt.honesty_choices(args.honesty_dir)
-    tqa = load_split("truthfulqa", args.data, "test", fold=0, limit=args.max_eval)
+    recipe = recipe_kw(args.recipe)
+    tqa = with_prompt_style(load_split("truthfulqa", args.data, "test", fold=0, limit=args.max_eval),
+                            recipe["prompt_style"])
     directions = None
 
     def evaluate():
@@ -179,7 +215,9 @@ def run_honesty(args, model, tok, results, path):
             torch.manual_seed(args.seed)
             record = rt.train(model, tok, examples, directions, layers=layers, w=0.0 if "token" in name else 1.0,
                               mode="in", trainable=kind, lr=5e-3 if kind == "heads" else 5e-5, epochs=args.epochs,
-                              batch_size=args.batch_size, seed=args.seed, progress=False)
+                              batch_size=args.batch_size, seed=args.seed, progress=False,
+                              max_grad_norm=recipe["max_grad_norm"], schedule=recipe["schedule"],
+                              add_eos=recipe["add_eos"])
             trainable = record["trainable_params"]
         fit_seconds = time.perf_counter() - t + (direction_seconds if name != "untuned" else 0.0)
         try:
@@ -261,33 +299,155 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.honesty_dir = args.honesty_dir or os.path.join(args.data, "honesty")
-    from lofit_fast.models import load_model
+def seed_results(out: Path) -> dict:
+    """{seed: that seed's results.json} for every OUT/seed_<seed>/ with one."""
+    found = {}
+    for folder in out.glob("seed_*"):
+        path = folder / "results.json"
+        if path.is_file() and folder.name[5:].isdigit():
+            found[int(folder.name[5:])] = json.loads(path.read_text())
+    return dict(sorted(found.items()))
 
-    out = Path(args.out)
-    path = out / "results.json"
+
+def summarize_seeds(by_seed: dict) -> dict:
+    """{"seeds", "rows": {task/name: {"seeds", "metrics": {metric: mean_std}, "seconds": mean_std, params}},
+    "lofit_minus": {task/name: {metric: mean_std of LoFiT − that row over the seeds both have, "beyond_spread"}}}."""
+    entries: dict = {}
+    for seed, results in by_seed.items():
+        for key, row in results.get("rows", {}).items():
+            entries.setdefault(key, {})[seed] = row
+    rows = {}
+    for key, per_seed in entries.items():
+        first = next(iter(per_seed.values()))
+        rows[key] = {"seeds": list(per_seed),
+                     "metrics": {m: mean_std([float(r["metrics"][m]) for r in per_seed.values()]) for m in first["metrics"]},
+                     "seconds": mean_std([float(r["seconds"]) for r in per_seed.values()]),
+                     "trainable_params": first["trainable_params"], "fitted_params": first.get("fitted_params", 0),
+                     "recipe": first.get("recipe")}
+    gaps = {}
+    for key, per_seed in entries.items():
+        task, name = key.split("/", 1)
+        ours = entries.get(f"{task}/lofit", {})
+        if name == "lofit" or not ours:
+            continue
+        gaps[key] = {}
+        for metric in next(iter(per_seed.values()))["metrics"]:
+            # a deterministic row run once (base) is compared with every seed of LoFiT
+            if len(per_seed) == 1:
+                theirs = {s: next(iter(per_seed.values())) for s in ours}
+            else:
+                theirs = per_seed
+            diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric]) for s in ours if s in theirs]
+            if diffs:
+                gap = mean_std(diffs)
+                gap["beyond_spread"] = bool(len(diffs) > 1 and abs(gap["mean"]) > gap["std"])
+                gaps[key][metric] = gap
+    return {"seeds": list(by_seed), "rows": rows, "lofit_minus": gaps}
+
+
+def _pm(stat: dict, signed: bool = False) -> str:
+    text = ("{:+.3f}" if signed else "{:.3f}").format(stat["mean"])
+    return text + (f" ± {stat['std']:.3f}" if len(stat["values"]) > 1 else "")
+
+
+COLUMNS = (("truthfulqa", "mc1", "TruthfulQA MC1"), ("truthfulqa", "mc2", "TruthfulQA MC2"),
+           ("clutrr", "accuracy", "CLUTRR acc"), ("mquake", "accuracy", "MQuAKE acc"))
+
+
+def seeds_markdown(summary: dict, commands: list) -> str:
+    rows, gaps = summary["rows"], summary["lofit_minus"]
+    names = list(dict.fromkeys(k.split("/", 1)[1] for k in rows))
+    names = [m for m in METHODS if m in names] + [n for n in names if n not in METHODS]
+    recipes = sorted({r["recipe"] for r in rows.values() if r.get("recipe")})
+    header = "| method | " + " | ".join(c[2] for c in COLUMNS)
+    lines = [f"Seeds {', '.join(map(str, summary['seeds']))}; mean ± sample standard deviation over the seeds that ran "
+             f"the row (no ± : one seed, e.g. the deterministic base model); recipe {', '.join(recipes) or '?'}. "
+             "Commands: " + "; ".join(f"`{c}`" for c in commands), "",
+             header + " | trainable params | seeds | fit time (s, mean per task) |", "|---|" + "---|" * (len(COLUMNS) + 3)]
+    for name in names:
+        present = [rows[f"{t}/{name}"] for t in TASKS if f"{t}/{name}" in rows]
+        cells = [_pm(rows[f"{t}/{name}"]["metrics"][m]) if f"{t}/{name}" in rows else "-" for t, m, _ in COLUMNS]
+        params = " / ".join(dict.fromkeys(fmt_params(r) for r in present))
+        seeds = " / ".join(dict.fromkeys(str(len(r["seeds"])) for r in present))
+        seconds = " / ".join(f"{r['seconds']['mean']:.0f}" for r in present)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {params} | {seeds} | {seconds} |")
+    if gaps:
+        lines += ["", "LoFiT minus each row, per seed then mean ± standard deviation over seeds (* : beyond the spread):",
+                  "", header + " |", "|---|" + "---|" * len(COLUMNS)]
+        for name in names:
+            if name == "lofit" or not any(f"{t}/{name}" in gaps for t in TASKS):
+                continue
+            cells = []
+            for t, m, _ in COLUMNS:
+                gap = gaps.get(f"{t}/{name}", {}).get(m)
+                cells.append("-" if gap is None else _pm(gap, signed=True) + (" *" if gap["beyond_spread"] else ""))
+            lines.append(f"| LoFiT − {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (in seed order):", "", header + " |", "|---|" + "---|" * len(COLUMNS)]
+    for name in names:
+        cells = []
+        for t, m, _ in COLUMNS:
+            row = rows.get(f"{t}/{name}")
+            cells.append("-" if row is None else " / ".join(f"{v:.3f}" for v in row["metrics"][m]["values"]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_report(out: Path) -> str:
+    by_seed = seed_results(out)
+    if not by_seed:
+        raise SystemExit(f"no seed_<seed>/results.json under {out}")
+    summary = summarize_seeds(by_seed)
+    commands = list(dict.fromkeys(c for r in by_seed.values() for c in r.get("meta", {}).get("commands", [])))
+    table = seeds_markdown(summary, commands)
+    atomic_write(out / "summary.json", json.dumps({**summary, "commands": commands}, indent=2) + "\n")
+    atomic_write(out / "table.md", table)
+    return table
+
+
+def run_one(args, model, tok, folder: Path, command: str) -> None:
+    """Every row (and the honesty table) for args.seed into folder/results.json."""
+    path = folder / "results.json"
     results = load_results(path, args.fresh)
-    command = "python bench/methods_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    model, tok = load_model(args.model)
     commands = results.get("meta", {}).get("commands", [])
     if results.get("meta", {}).get("command") and not commands:
         commands = [results["meta"]["command"]]
     results["meta"] = {"model": args.model, "dtype": "float32", "device": "cpu", "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-                       "commands": commands + [command]}
+                       "seed": args.seed, "recipe": args.recipe, "commands": commands + [command]}
     start = time.perf_counter()
     run_tasks(args, model, tok, results, path)
     if not args.no_honesty:
         run_honesty(args, model, tok, results, path)
     results["meta"]["last_run_seconds"] = round(time.perf_counter() - start, 1)
     save(path, results)
-    table = markdown(results, command)
-    (out / "table.md").write_text(table)
-    print(table)
+    if args.seeds is None:
+        table = markdown(results, command)
+        atomic_write(folder / "table.md", table)
+        print(table)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.report:
+        print(write_seed_report(out))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.honesty_dir = args.honesty_dir or os.path.join(args.data, "honesty")
+    from lofit_fast.models import load_model
+
+    command = "python bench/methods_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    model, tok = load_model(args.model)
+    for seed in args.seeds or [args.seed]:
+        args.seed = seed
+        folder = out / f"seed_{seed}" if args.seeds else out
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.seeds:
+            print(f"[seed {seed}] into {folder}", flush=True)
+        run_one(args, model, tok, folder, command)
+    if args.seeds:
+        print(write_seed_report(out))
     return 0
 
 

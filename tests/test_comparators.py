@@ -1,5 +1,7 @@
 """LoRA (peft) and RED as comparators: identity at init, training through lofit_fast.train, merge, undo; and
 run_method, which runs every method the same way and hands the model back unchanged."""
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from lofit_fast.experiments import METHODS, run_method
 from lofit_fast.patch import patched_modules
 from lofit_fast.steer import steered_layers
 from lofit_fast.train import train
+from bench_scripts import load_bench
 from models import random_ids
 from fixtures.tiny import byte_tokenizer
 from test_steer import logits, text_model
@@ -161,3 +164,82 @@ def test_run_method_on_a_generation_task(method):
 def test_run_method_rejects_unknown_methods():
     with pytest.raises(ValueError, match="unknown method"):
         run_method("prompting", None, None, "truthfulqa", [], [])
+
+
+@pytest.mark.parametrize("method", ["lofit", "lora", "red"])
+def test_run_method_trains_and_evaluates_with_the_recipe(method, monkeypatch):
+    import lofit_fast.methods.lofit as lofit_module
+    from lofit_fast.experiments import methods_run
+
+    calls, prompts = [], []
+    real_train, real_evaluate = methods_run.train, methods_run.evaluate
+
+    def recording_train(*args, **kw):
+        calls.append({key: kw.get(key, "default") for key in ("schedule", "add_eos", "max_grad_norm")})
+        return real_train(*args, **kw)
+
+    def recording_evaluate(task, model, tokenizer, items, **kw):
+        prompts.extend(item.prompt for item in items)
+        return real_evaluate(task, model, tokenizer, items, **kw)
+
+    monkeypatch.setattr(methods_run, "train", recording_train)
+    monkeypatch.setattr(lofit_module, "train", recording_train)
+    monkeypatch.setattr(methods_run, "evaluate", recording_evaluate)
+    model, tok = text_model(dtype=torch.float32), byte_tokenizer()
+    run_method(method, model, tok, "truthfulqa", TQA[:4], TQA[4:], epochs=1, batch_size=4, k=2, eval_batch_size=4,
+               schedule="constant", add_eos=False, prompt_style="newline", max_grad_norm=None)
+    assert calls and all(c == {"schedule": "constant", "add_eos": False, "max_grad_norm": None} for c in calls)
+    assert prompts == [f"Q: {TQA[4].question}\nA:"]
+    calls.clear()
+    prompts.clear()
+    run_method(method, model, tok, "truthfulqa", TQA[:4], TQA[4:], epochs=1, batch_size=4, k=2, eval_batch_size=4)
+    assert calls and all(c["schedule"] == "default" and c["add_eos"] == "default" for c in calls)
+    assert prompts == [TQA[4].prompt]  # no recipe given: the items' own prompts
+
+
+def _write_seed(out: Path, seed: int, rows: dict) -> None:
+    folder = out / f"seed_{seed}"
+    folder.mkdir(parents=True)
+    full = {key: {"metrics": metrics, "seconds": 10.0 * seed, "trainable_params": 512 if "lofit" in key else 0,
+                  "fitted_params": 0, "recipe": "plain"} for key, metrics in rows.items()}
+    (folder / "results.json").write_text(json.dumps({"rows": full, "meta": {"commands": [f"cmd {seed}"]}}))
+
+
+def test_methods_table_summarizes_seed_folders(tmp_path):
+    table = load_bench("methods_table")
+    lofit = {1: (0.30, 0.50), 2: (0.34, 0.56), 3: (0.32, 0.53)}
+    iti = {1: (0.28, 0.52), 2: (0.29, 0.51), 3: (0.33, 0.50)}
+    for seed in (1, 2, 3):
+        rows = {"truthfulqa/lofit": dict(zip(("mc1", "mc2"), lofit[seed])),
+                "truthfulqa/iti": dict(zip(("mc1", "mc2"), iti[seed])), "mquake/lofit": {"accuracy": 0.1 * seed}}
+        if seed == 1:  # the deterministic base model, run once
+            rows["truthfulqa/base"] = {"mc1": 0.22, "mc2": 0.46}
+        _write_seed(tmp_path, seed, rows)
+    (tmp_path / "seed_x").mkdir()  # not a seed folder: ignored
+    text = table.write_seed_report(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds"] == [1, 2, 3] and summary["commands"] == ["cmd 1", "cmd 2", "cmd 3"]
+    mc1 = summary["rows"]["truthfulqa/lofit"]["metrics"]["mc1"]
+    assert mc1["mean"] == pytest.approx(statistics.mean([0.30, 0.34, 0.32]))
+    assert mc1["std"] == pytest.approx(statistics.stdev([0.30, 0.34, 0.32]))
+    assert summary["rows"]["truthfulqa/base"]["seeds"] == [1]
+    gap = summary["lofit_minus"]["truthfulqa/iti"]["mc2"]
+    diffs = [lofit[s][1] - iti[s][1] for s in (1, 2, 3)]
+    assert gap["values"] == pytest.approx(diffs) and gap["std"] == pytest.approx(statistics.stdev(diffs))
+    assert gap["beyond_spread"] == (abs(statistics.mean(diffs)) > statistics.stdev(diffs))
+    base_gap = summary["lofit_minus"]["truthfulqa/base"]["mc1"]  # one base run against every LoFiT seed
+    assert base_gap["values"] == pytest.approx([v - 0.22 for v, _ in lofit.values()])
+    assert (tmp_path / "table.md").read_text() == text
+    assert "| lofit | 0.320 ± 0.020 | 0.530 ± 0.030 | - | 0.200 ± 0.100 | 512 | 3 |" in text
+    assert "| base | 0.220 | 0.460 | - | - | 0 | 1 |" in text
+    assert "| iti | 0.280 / 0.290 / 0.330 |" in text
+
+
+def test_methods_table_seed_arguments(tmp_path):
+    table = load_bench("methods_table")
+    assert table.parse_args(["--seeds", "42,43"]).seeds == [42, 43]
+    for bad in ("42,42", "4x", ","):
+        with pytest.raises(SystemExit):
+            table.parse_args(["--seeds", bad])
+    with pytest.raises(SystemExit, match="no seed_"):
+        table.write_seed_report(tmp_path)

@@ -29,6 +29,7 @@ from ..patch import patched_modules, trainable_parameters, unpatch
 from ..steer import decoder_layers, set_coeff, steer, unsteer
 from ..train import train
 from .lofit_run import evaluate_arm
+from .recipes import with_prompt_style
 from .results import write_json
 from .settings import DEFAULT_LR, RunSettings, hyperparameters, load_model_for, log, splits
 
@@ -48,8 +49,13 @@ def _train_kw(kw, method: str) -> dict:
     return dict(
         lr=kw.get("lr") or DEFAULT_LR[method], epochs=kw.get("epochs", 5), batch_size=kw.get("batch_size", 8),
         seed=kw.get("seed", 0), max_grad_norm=kw.get("max_grad_norm", 1.0), max_length=kw.get("max_length"),
-        progress=kw.get("progress", False),
+        progress=kw.get("progress", False), **_recipe_kw(kw),
     )
+
+
+def _recipe_kw(kw) -> dict:
+    """The recipe's schedule and EOS choice, where given (`lofit_fast.train.train`'s defaults otherwise)."""
+    return {key: kw[key] for key in ("schedule", "add_eos") if kw.get(key) is not None}
 
 
 @contextmanager
@@ -137,7 +143,7 @@ def _lofit(model, tokenizer, task, train_items, eval_items, kw):
     t = time.perf_counter()
     common = dict(epochs=kw.get("epochs", 5), batch_size=kw.get("batch_size", 8), seed=kw.get("seed", 0),
                   max_grad_norm=kw.get("max_grad_norm", 1.0), max_length=kw.get("max_length"),
-                  progress=kw.get("progress", False), init_std=kw.get("init_std", 1e-3))
+                  progress=kw.get("progress", False), init_std=kw.get("init_std", 1e-3), **_recipe_kw(kw))
     if task_kind(task) == "dpo":
         common["beta"] = kw.get("beta", 0.5)
     official = select_defaults(task)
@@ -245,13 +251,18 @@ def run_method(method: str, model: nn.Module, tokenizer, task: str, train_items:
     patch, steering, LoRA or RED attached; weights, requires_grad flags and mode unchanged).
 
     Keywords: epochs, batch_size, lr, seed, beta, max_grad_norm, max_length, eval_batch_size, max_new_tokens,
-    progress, out (a folder for the method's artifacts); per method: k, alpha (iti); layers, coeff ("auto" or a
+    progress, out (a folder for the method's artifacts); the recipe's schedule, add_eos and prompt_style
+    (`lofit_fast.experiments.recipes`; left out: the training functions' defaults, i.e. the official recipe's
+    linear decay and EOS, and the items' own prompts); per method: k, alpha (iti); layers, coeff ("auto" or a
     number), coeff_grid, coeff_items, pairs ("task" or "honesty"), repe_method (repe); k, l1, select_lr,
     init_std (lofit); r, target_modules (lora); red_layers (red); layers, w, mode, trainable, honesty_dir
     (rep_tuning).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if kw.get("prompt_style"):
+        train_items = with_prompt_style(train_items, kw["prompt_style"])
+        eval_items = with_prompt_style(eval_items, kw["prompt_style"])
     with _restoring(model):
         if method == "base":
             t = time.perf_counter()
@@ -270,6 +281,8 @@ def run_method_experiment(settings, train_items: Sequence, eval_items: Sequence)
     data, training loop and evaluation; writes results.json ({"base": ..., METHOD: ...}) to settings.out and
     returns it. `settings`: a RunSettings (or any object with its fields)."""
     settings = RunSettings.of(settings)
+    train_items = with_prompt_style(train_items, settings.prompt_style)
+    eval_items = with_prompt_style(eval_items, settings.prompt_style)
     start = time.perf_counter()
     model, tokenizer = load_model_for(settings)
     t = time.perf_counter()
@@ -277,7 +290,8 @@ def run_method_experiment(settings, train_items: Sequence, eval_items: Sequence)
     eval_base = round(time.perf_counter() - t, 1)
     log(settings, f"{settings.method}: fitting on {len(train_items)} {settings.task} examples ...")
     kw = {key: getattr(settings, key) for key in ("epochs", "batch_size", "lr", "seed", "beta", "max_length",
-                                                  "eval_batch_size", "k", "init_std")}
+                                                  "eval_batch_size", "k", "init_std", "schedule", "add_eos",
+                                                  "prompt_style")}
     kw["max_grad_norm"] = settings.max_grad_norm or None  # 0: no clipping (the plain recipe)
     row = run_method(settings.method, model, tokenizer, settings.task, train_items, eval_items,
                      progress=not settings.quiet, out=os.path.join(settings.out, "artifacts"), **kw)
