@@ -88,9 +88,7 @@ def parse_args(argv=None):
 
 def recipe_kw(name: str) -> dict:
     """run_method's keywords for a training recipe (its clipping 0 means none)."""
-    recipe = RECIPES[name]
-    return {"schedule": recipe["schedule"], "add_eos": recipe["add_eos"], "prompt_style": recipe["prompt_style"],
-            "max_grad_norm": recipe["max_grad_norm"] or None}
+    return {**RECIPES[name], "max_grad_norm": RECIPES[name]["max_grad_norm"] or None}
 
 
 def load_results(path: Path, fresh: bool) -> dict:
@@ -331,12 +329,10 @@ def summarize_seeds(by_seed: dict) -> dict:
         if name == "lofit" or not ours:
             continue
         gaps[key] = {}
-        for metric in next(iter(per_seed.values()))["metrics"]:
-            # a deterministic row run once (base) is compared with every seed of LoFiT
-            if len(per_seed) == 1:
-                theirs = {s: next(iter(per_seed.values())) for s in ours}
-            else:
-                theirs = per_seed
+        first = next(iter(per_seed.values()))
+        # a deterministic row run once (base) is compared with every seed of LoFiT
+        theirs = {s: first for s in ours} if len(per_seed) == 1 else per_seed
+        for metric in first["metrics"]:
             diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric]) for s in ours if s in theirs]
             if diffs:
                 gap = mean_std(diffs)

@@ -141,16 +141,16 @@ def _repe(model, tokenizer, task, train_items, eval_items, kw):
 
 def _lofit(model, tokenizer, task, train_items, eval_items, kw):
     t = time.perf_counter()
-    common = dict(epochs=kw.get("epochs", 5), batch_size=kw.get("batch_size", 8), seed=kw.get("seed", 0),
-                  max_grad_norm=kw.get("max_grad_norm", 1.0), max_length=kw.get("max_length"),
-                  progress=kw.get("progress", False), init_std=kw.get("init_std", 1e-3), **_recipe_kw(kw))
+    common = _train_kw(kw, "lofit")
+    lr = common.pop("lr")  # step 2's; step 1 takes select_lr
+    common["init_std"] = kw.get("init_std", 1e-3)
     if task_kind(task) == "dpo":
         common["beta"] = kw.get("beta", 0.5)
     official = select_defaults(task)
     selection = select_heads(model, tokenizer, train_items, task=task, k=kw.get("k"), l1=kw.get("l1", official["l1"]),
                              lr=kw.get("select_lr", official["lr"]), **common)
     heads = selection.top()
-    tune(model, tokenizer, train_items, heads, task=task, lr=kw.get("lr") or DEFAULT_LR["lofit"], **common)
+    tune(model, tokenizer, train_items, heads, task=task, lr=lr, **common)
     seconds = time.perf_counter() - t
     try:
         trainable = sum(p.numel() for p in trainable_parameters(model))
@@ -290,8 +290,7 @@ def run_method_experiment(settings, train_items: Sequence, eval_items: Sequence)
     eval_base = round(time.perf_counter() - t, 1)
     log(settings, f"{settings.method}: fitting on {len(train_items)} {settings.task} examples ...")
     kw = {key: getattr(settings, key) for key in ("epochs", "batch_size", "lr", "seed", "beta", "max_length",
-                                                  "eval_batch_size", "k", "init_std", "schedule", "add_eos",
-                                                  "prompt_style")}
+                                                  "eval_batch_size", "k", "init_std", "schedule", "add_eos")}
     kw["max_grad_norm"] = settings.max_grad_norm or None  # 0: no clipping (the plain recipe)
     row = run_method(settings.method, model, tokenizer, settings.task, train_items, eval_items,
                      progress=not settings.quiet, out=os.path.join(settings.out, "artifacts"), **kw)
