@@ -8,35 +8,20 @@ over seeds: mean ± sample standard deviation of each arm and of the differences
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from lofit_fast.eval import paired_bootstrap  # noqa: E402
-from lofit_fast.experiments.seeds import mean_std  # noqa: E402
-
-
-def _mean_std(values):
-    row = mean_std(values)
-    return row["mean"], row["std"]
-
-
-def _load(run_dir: str) -> dict:
-    path = Path(run_dir, "summary.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no summary.json: not the --out folder of `lofit-fast run --seeds`")
-    summary = json.loads(path.read_text())
-    runs = {s: json.loads(Path(run_dir, f"seed_{s}", "results.json").read_text()) for s in summary["seeds"]}
-    return {"summary": summary, "runs": runs}
+from lofit_fast.experiments.seeds import beyond_spread, load_seeds_run, mean_std  # noqa: E402
+from table_cli import table_main  # noqa: E402
 
 
 def compare(own_dir: str, cross_dir: str, samples: int = 10000) -> dict:
     """{"task", "seeds", "metrics", "source", "per_seed": {seed: {...}}, "over_seeds": {metric: {...}}}."""
-    own, cross = _load(own_dir), _load(cross_dir)
+    own, cross = load_seeds_run(own_dir), load_seeds_run(cross_dir)
     task = own["summary"]["task"]
     if cross["summary"]["task"] != task:
         raise ValueError(f"{own_dir} is a {task} run and {cross_dir} a {cross['summary']['task']} run")
@@ -64,9 +49,9 @@ def compare(own_dir: str, cross_dir: str, samples: int = 10000) -> dict:
         cols = {name: [per_seed[s][name][m] for s in seeds] for name in ("own", "cross", "random")}
         own_minus_cross = [o - c for o, c in zip(cols["own"], cols["cross"])]
         cross_minus_random = [c - r for c, r in zip(cols["cross"], cols["random"])]
-        over[m] = {name: _mean_std(v) for name, v in cols.items()}
-        over[m]["own - cross"] = _mean_std(own_minus_cross)
-        over[m]["cross - random"] = _mean_std(cross_minus_random)
+        over[m] = {name: mean_std(v) for name, v in cols.items()}
+        over[m]["own - cross"] = mean_std(own_minus_cross)
+        over[m]["cross - random"] = mean_std(cross_minus_random)
     return {"task": task, "seeds": seeds, "metrics": metrics, "source": sorted(sources),
             "eval_examples": own["runs"][seeds[0]]["eval_examples"], "per_seed": per_seed, "over_seeds": over}
 
@@ -84,8 +69,9 @@ def render(own_dir: str, cross_dir: str, samples: int = 10000) -> str:
         signed = "-" in key
         cells = []
         for m in ms:
-            mean, std = r["over_seeds"][m][key]
-            beyond = " (beyond the spread)" if signed and len(r["seeds"]) > 1 and abs(mean) > std else ""
+            row = r["over_seeds"][m][key]
+            mean, std = row["mean"], row["std"]
+            beyond = " (beyond the spread)" if signed and beyond_spread(row, two_sided=True) else ""
             cells.append(f"{mean:+.3f} ± {std:.3f}{beyond}" if signed else f"{mean:.3f} ± {std:.3f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| seed | " + " | ".join(f"own {m} | cross {m} | own − cross {m} (paired 95 %)" for m in ms)
@@ -103,21 +89,11 @@ def render(own_dir: str, cross_dir: str, samples: int = 10000) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("own", help="the seeds run with the task's own step 1")
-    ap.add_argument("cross", help="the seeds run with --selection from another task")
-    ap.add_argument("--out", help="also write the table to this file")
-    ap.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default 10000)")
-    args = ap.parse_args(argv)
-    try:
-        text = render(args.own, args.cross, args.samples)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"cross_task_table: {exc}", file=sys.stderr)
-        return 2
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    def make(args):
+        return render(args.own, args.cross, args.samples), compare(args.own, args.cross, args.samples)
+    return table_main(argv, prog="cross_task_table", description=__doc__.split("\n")[0], make=make, samples=True,
+                      folders=[("own", "the seeds run with the task's own step 1"),
+                               ("cross", "the seeds run with --selection from another task")])
 
 
 if __name__ == "__main__":

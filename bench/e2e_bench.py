@@ -43,20 +43,14 @@ taken in a separate untimed pass after the timed ones.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import json
-import math
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -66,10 +60,6 @@ for _path in (str(ROOT), str(BENCH)):  # lofit_fast from this checkout; plot_e2e
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the triton backend
 
-import lofit_fast  # noqa: E402
-from lofit_fast import hooks as lofit_hooks  # noqa: E402
-from lofit_fast.losses import completion_loss  # noqa: E402
-from lofit_fast.patch import find_attention_sites  # noqa: E402
 # The parts, by concern (bench/e2e_lib/); every name stays importable from here (peers_bench.py, the tests).
 from e2e_lib.common import (  # noqa: E402
     HEADER, WORKLOADS, TRAIN_PROVIDERS, INFER_PROVIDERS, REFERENCE, FORCED, FORCED_BACKENDS, DTYPES, OOM, L1,
@@ -90,6 +80,18 @@ from e2e_lib.report import (  # noqa: E402
     Context, make_row, measure, PROFILE_CATEGORIES, profile_categories, profile_training, git_commit, append_rows,
     loadavg, auto_backend,
 )
+
+# what this script defines, and the parts' names it re-exports for peers_bench.py and the tests
+__all__ = ["bench_training", "bench_decode", "bench_prefill", "parse_list", "build_parser", "resolve_args",
+    "providers_for", "run", "main", "HEADER", "WORKLOADS", "TRAIN_PROVIDERS", "INFER_PROVIDERS", "REFERENCE",
+    "FORCED", "FORCED_BACKENDS", "DTYPES", "OOM", "L1", "LR_STEP1", "LR_STEP2", "INIT_STD", "INFER_V_STD",
+    "MODEL_CONFIGS", "REAL_MODELS", "build_model", "tensor_bytes", "model_bytes", "total_heads", "step2_heads",
+    "synchronize", "timed", "_free", "_reset_grads", "round_robin", "transient_peak_bytes", "percentile", "Provider",
+    "_o_proj_swaps", "_adamw", "ScalarShift", "make_floor", "_trainable", "make_lofit", "make_hooks", "make_lora",
+    "make_merged", "step2_values", "training_providers", "inference_providers", "training_batch", "training_step",
+    "prompt_ids", "decode_call", "prefill_call", "check_gradients", "check_inference", "Context", "make_row",
+    "measure", "PROFILE_CATEGORIES", "profile_categories", "profile_training", "git_commit", "append_rows",
+    "loadavg", "auto_backend"]
 
 
 # -------------------------------------------------------------------------------------------------- measuring

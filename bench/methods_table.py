@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from lofit_fast._files import atomic_write  # noqa: E402
 from lofit_fast.experiments import METHODS, run_method  # noqa: E402
 from lofit_fast.experiments.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
-from lofit_fast.experiments.seeds import mean_std  # noqa: E402
+from lofit_fast.experiments.seeds import beyond_spread, mean_std  # noqa: E402
 
 TASKS = ("truthfulqa", "clutrr", "mquake")
 DEFAULT_METHODS = ("base", "iti", "repe", "lofit", "lora", "red")
@@ -336,7 +336,7 @@ def summarize_seeds(by_seed: dict) -> dict:
             diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric]) for s in ours if s in theirs]
             if diffs:
                 gap = mean_std(diffs)
-                gap["beyond_spread"] = bool(len(diffs) > 1 and abs(gap["mean"]) > gap["std"])
+                gap["beyond_spread"] = beyond_spread(gap, two_sided=True)
                 gaps[key][metric] = gap
     return {"seeds": list(by_seed), "rows": rows, "lofit_minus": gaps}
 

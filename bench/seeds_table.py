@@ -7,11 +7,14 @@ wall time.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+
+from lofit_fast.experiments.seeds import load_seeds_run  # noqa: E402
+from table_cli import table_main  # noqa: E402
 
 STAGES = ("eval_base", "select", "tune", "eval_lofit", "tune_random", "eval_random")
 
@@ -22,9 +25,9 @@ def _pm(row: dict, signed: bool = False) -> str:
 
 
 def render(run_dir: str) -> str:
-    summary = json.loads(Path(run_dir, "summary.json").read_text())
+    loaded = load_seeds_run(run_dir)
+    summary, runs = loaded["summary"], loaded["runs"]
     seeds = summary["seeds"]
-    runs = {s: json.loads(Path(run_dir, f"seed_{s}", "results.json").read_text()) for s in seeds}
     metrics = list(summary["summary"]["lofit"])
     k = summary["k"]
     lines = [f"{summary['task']}, {summary['eval_examples']} evaluation items, model {summary['model']}, K = {k}, "
@@ -58,19 +61,9 @@ def render(run_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run_dir", help="the --out folder of `lofit-fast run --seeds ...`")
-    ap.add_argument("--out", help="also write the table to this file")
-    args = ap.parse_args(argv)
-    if not os.path.exists(os.path.join(args.run_dir, "summary.json")):
-        print(f"{args.run_dir} has no summary.json: run `lofit-fast run --seeds ...` with --out {args.run_dir}",
-              file=sys.stderr)
-        return 2
-    text = render(args.run_dir)
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    return table_main(argv, prog="seeds_table", description=__doc__.split("\n")[0], with_json=False,
+                      make=lambda args: (render(args.run_dir), None),
+                      folders=[("run_dir", "the --out folder of `lofit-fast run --seeds ...`")])
 
 
 if __name__ == "__main__":

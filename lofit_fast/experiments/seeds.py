@@ -4,6 +4,7 @@ the base model is deterministic and is evaluated once."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -20,6 +21,27 @@ def mean_std(values: List[float]) -> Dict[str, object]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values}
+
+
+def beyond_spread(row: Dict[str, object], *, two_sided: bool = False) -> bool:
+    """Whether a mean_std row of differences over seeds clears its own spread: more than one seed, and the mean
+    (its size, when two_sided) above the standard deviation and above float noise, so 0 ± 0 never counts."""
+    mean = abs(row["mean"]) if two_sided else row["mean"]
+    return bool(len(row["values"]) > 1 and mean > max(row["std"], 1e-12))
+
+
+def load_seeds_run(run_dir: str) -> Dict[str, object]:
+    """{"summary": run_dir/summary.json, "runs": {seed: seed_<seed>/results.json}} of a `run --seeds` folder."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir} has no summary.json: not the --out folder of `lofit-fast run --seeds`")
+    with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    runs = {}
+    for seed in summary["seeds"]:
+        with open(os.path.join(run_dir, f"seed_{seed}", "results.json"), encoding="utf-8") as f:
+            runs[seed] = json.load(f)
+    return {"summary": summary, "runs": runs}
 
 
 def summarize(runs: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, object]]]:
@@ -57,7 +79,7 @@ def run_seeds(settings, train_items: Sequence, eval_items: Sequence, seeds: Sequ
         for metric in summary["lofit"]:
             diffs = [float(r["lofit"][metric]) - float(r[other][metric]) for r in runs]
             row = mean_std(diffs)
-            row["beyond_spread"] = bool(len(diffs) > 1 and row["mean"] > row["std"])
+            row["beyond_spread"] = beyond_spread(row)
             gains[f"lofit_minus_{other}"][metric] = row
     report = {"task": settings.task, "model": settings.model, "k": runs[0]["k"], "seeds": seeds,
               "eval_examples": runs[0]["eval_examples"], "summary": summary, **gains,
