@@ -15,19 +15,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from lofit_fast.eval import paired_bootstrap  # noqa: E402
-from lofit_fast.experiments.seeds import beyond_spread, load_seeds_run, mean_std  # noqa: E402
+from lofit_fast.experiments.seeds import beyond_spread, load_seeds_pair, mean_std  # noqa: E402
 from table_cli import table_main  # noqa: E402
 
 
 def compare(own_dir: str, cross_dir: str, samples: int = 10000) -> dict:
     """{"task", "seeds", "metrics", "source", "per_seed": {seed: {...}}, "over_seeds": {metric: {...}}}."""
-    own, cross = load_seeds_run(own_dir), load_seeds_run(cross_dir)
+    own, cross, seeds = load_seeds_pair(own_dir, cross_dir)
     task = own["summary"]["task"]
-    if cross["summary"]["task"] != task:
-        raise ValueError(f"{own_dir} is a {task} run and {cross_dir} a {cross['summary']['task']} run")
-    seeds = [s for s in own["summary"]["seeds"] if s in cross["runs"]]
-    if not seeds:
-        raise ValueError(f"{own_dir} and {cross_dir} share no seed")
     metrics = list(own["summary"]["summary"]["lofit"])
     sources = {cross["runs"][s].get("selection_from", {}).get("task") for s in seeds}
     if None in sources:

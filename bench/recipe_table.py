@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from lofit_fast.eval import paired_bootstrap  # noqa: E402
-from lofit_fast.experiments.seeds import ARMS, beyond_spread, load_seeds_run, mean_std  # noqa: E402
+from lofit_fast.experiments.seeds import ARMS, beyond_spread, load_seeds_pair, mean_std  # noqa: E402
 from table_cli import table_main  # noqa: E402
 
 PER_SEED_KEYS = ("seed",)  # hyper-parameters that differ between the seeds of one run, not between the runs
@@ -31,13 +31,8 @@ def compare(a_dir: str, b_dir: str, samples: int = 10000) -> dict:
     """{"task", "seeds", "metrics", "labels": [A, B], "settings": {key: [A's, B's]} (those that differ),
     "per_seed": {seed: {arm: {metric: {"a", "b", "paired"}}}}, "over_seeds": {arm: {metric: {"a", "b",
     "b - a"}}}, "lofit_minus_random": {metric: {"a", "b"}}}."""
-    a, b = load_seeds_run(a_dir), load_seeds_run(b_dir)
+    a, b, seeds = load_seeds_pair(a_dir, b_dir)
     task = a["summary"]["task"]
-    if b["summary"]["task"] != task:
-        raise ValueError(f"{a_dir} is a {task} run and {b_dir} a {b['summary']['task']} run")
-    seeds = [s for s in a["summary"]["seeds"] if s in b["runs"]]
-    if not seeds:
-        raise ValueError(f"{a_dir} and {b_dir} share no seed")
     hp_a, hp_b = a["runs"][seeds[0]]["hyperparameters"], b["runs"][seeds[0]]["hyperparameters"]
     settings = {k: [hp_a.get(k), hp_b.get(k)] for k in sorted(set(hp_a) | set(hp_b))
                 if k not in PER_SEED_KEYS and hp_a.get(k) != hp_b.get(k)}

@@ -44,6 +44,19 @@ def load_seeds_run(run_dir: str) -> Dict[str, object]:
     return {"summary": summary, "runs": runs}
 
 
+def load_seeds_pair(a_dir: str, b_dir: str):
+    """(a, b, seeds): two `run --seeds` folders (load_seeds_run) on the same task and the seeds they share, in
+    a's order, for reports that pair each seed of one with the same seed of the other."""
+    a, b = load_seeds_run(a_dir), load_seeds_run(b_dir)
+    task = a["summary"]["task"]
+    if b["summary"]["task"] != task:
+        raise ValueError(f"{a_dir} is a {task} run and {b_dir} a {b['summary']['task']} run")
+    seeds = [s for s in a["summary"]["seeds"] if s in b["runs"]]
+    if not seeds:
+        raise ValueError(f"{a_dir} and {b_dir} share no seed")
+    return a, b, seeds
+
+
 def summarize(runs: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, object]]]:
     """{arm: {metric: {"mean", "std" (sample, n − 1), "values" per seed}}} over the runs' results."""
     return {arm: {metric: mean_std([float(r[arm][metric]) for r in runs]) for metric in runs[0][arm]}
