@@ -1,7 +1,7 @@
 """Two recipes over seeds: the markdown table of two `lofit-fast run --seeds ...` folders on the same task and
 evaluation items that differ in their training settings (e.g. `--recipe plain` and `--recipe official`). Each
 seed of one is paired with the same seed of the other (the same random heads, which the seed draws). Per arm
-(base, LoFiT, random heads) and metric: both runs' mean ± sample standard deviation over seeds, and B − A
+(base, LoFiT, random heads, those both runs have) and metric: both runs' mean ± sample standard deviation over seeds, and B − A
 per seed with its paired bootstrap interval over the items, then over seeds.
 
     python bench/recipe_table.py runs/clutrr_plain runs/clutrr_official --out table.md --json diff.json
@@ -39,20 +39,22 @@ def compare(a_dir: str, b_dir: str, samples: int = 10000) -> dict:
     if not settings:
         raise ValueError(f"{a_dir} and {b_dir} have the same settings: nothing to compare")
     metrics = list(a["summary"]["summary"]["lofit"])
+    # the arms both runs have for every seed (a run stopped after LoFiT's evaluation has no random heads)
+    arms = [arm for arm in ARMS if all(arm in run["runs"][s] for run in (a, b) for s in seeds)]
     per_seed = {}
     for s in seeds:
         ra, rb = a["runs"][s], b["runs"][s]
         if ra["eval_examples"] != rb["eval_examples"]:
             raise ValueError(f"seed {s}: {ra['eval_examples']} evaluation items against {rb['eval_examples']}")
-        if ra.get("random_heads") != rb.get("random_heads"):
+        if "random" in arms and ra.get("random_heads") != rb.get("random_heads"):
             raise ValueError(f"seed {s}: the two runs tuned different random heads, so they are not paired")
         per_seed[s] = {arm: {m: {"a": ra[arm][m], "b": rb[arm][m],
                                  "paired": paired_bootstrap(rb["item_scores"][arm][m], ra["item_scores"][arm][m],
                                                             samples=samples)}
-                             for m in metrics} for arm in ARMS}
+                             for m in metrics} for arm in arms}
         per_seed[s]["shared_heads"] = len({tuple(h) for h in ra["heads"]} & {tuple(h) for h in rb["heads"]})
     over = {}
-    for arm in ARMS:
+    for arm in arms:
         over[arm] = {}
         for m in metrics:
             col_a = [per_seed[s][arm][m]["a"] for s in seeds]
@@ -64,10 +66,12 @@ def compare(a_dir: str, b_dir: str, samples: int = 10000) -> dict:
     for m in metrics:
         gains[m] = {}
         for side, run in (("a", a), ("b", b)):
+            if not all("random" in run["runs"][s] for s in seeds):
+                continue
             row = mean_std([run["runs"][s]["lofit"][m] - run["runs"][s]["random"][m] for s in seeds])
             row["beyond_spread"] = beyond_spread(row)
             gains[m][side] = row
-    return {"task": task, "seeds": seeds, "metrics": metrics, "labels": [_label(a, a_dir), _label(b, b_dir)],
+    return {"task": task, "seeds": seeds, "metrics": metrics, "arms": arms, "labels": [_label(a, a_dir), _label(b, b_dir)],
             "eval_examples": a["runs"][seeds[0]]["eval_examples"], "settings": settings, "per_seed": per_seed,
             "over_seeds": over, "lofit_minus_random": gains}
 
@@ -89,21 +93,24 @@ def render(report: dict) -> str:
              f"{la} (A) against {lb} (B), each seed paired with the same seed (mean ± sample standard deviation "
              f"over seeds; * : the difference is beyond its spread)", "", f"Settings that differ (A / B): {changed}",
              "", f"| arm | metric | {la} | {lb} | {lb} − {la} |", "|---|---|---|---|---|"]
-    for arm in ARMS:
+    arms = report["arms"]
+    for arm in arms:
         for m in report["metrics"]:
             row = report["over_seeds"][arm][m]
             lines.append(f"| {LABELS[arm]} | {m} | {_pm(row['a'])} | {_pm(row['b'])} | {_pm(row['b - a'], True)} |")
     for m in report["metrics"]:
         g = report["lofit_minus_random"][m]
-        lines.append(f"| LoFiT − random heads | {m} | {_pm(g['a'], True)} | {_pm(g['b'], True)} | |")
+        if g:
+            cells = [_pm(g[side], True) if side in g else "—" for side in ("a", "b")]
+            lines.append(f"| LoFiT − random heads | {m} | {cells[0]} | {cells[1]} | |")
     lines += ["", f"Per seed, {lb} − {la} paired over the items (95 % bootstrap):", "",
-              "| seed | metric | " + " | ".join(f"{LABELS[arm]}: {la} → {lb}, difference" for arm in ARMS)
-              + " | LoFiT heads shared |", "|---|---|" + "---|" * (len(ARMS) + 1)]
+              "| seed | metric | " + " | ".join(f"{LABELS[arm]}: {la} → {lb}, difference" for arm in arms)
+              + " | LoFiT heads shared |", "|---|---|" + "---|" * (len(arms) + 1)]
     for s in seeds:
         row = report["per_seed"][s]
         for m in report["metrics"]:
             cells = [f"{row[arm][m]['a']:.3f} → {row[arm][m]['b']:.3f}, {_interval(row[arm][m]['paired'])}"
-                     for arm in ARMS]
+                     for arm in arms]
             lines.append(f"| {s} | {m} | " + " | ".join(cells) + f" | {row['shared_heads']} |")
     return "\n".join(lines) + "\n"
 

@@ -12,14 +12,17 @@ from typing import Callable, Optional, Sequence, Tuple
 
 def table_main(argv, *, prog: str, description: str, folders: Sequence[Tuple[str, str]],
                make: Callable[[argparse.Namespace], Tuple[str, Optional[dict]]], samples: bool = False,
-               with_json: bool = True) -> int:
-    """Parse argv, call make(args) -> (markdown, its data), print the markdown and write --out / --json."""
+               with_json: bool = True, flags: Sequence[Tuple[str, str]] = ()) -> int:
+    """Parse argv, call make(args) -> (markdown, its data), print the markdown and write --out / --json.
+    `flags`: the table's own on/off options, (name, help)."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     for name, text in folders:
         ap.add_argument(name, help=text)
     ap.add_argument("--out", help="also write the table to this file")
     if with_json:
         ap.add_argument("--json", help="also write the data behind the table to this file as JSON")
+    for name, text in flags:
+        ap.add_argument(name, action="store_true", help=text)
     if samples:
         ap.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default 10000)")
     args = ap.parse_args(argv)

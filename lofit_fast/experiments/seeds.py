@@ -58,9 +58,57 @@ def load_seeds_pair(a_dir: str, b_dir: str):
 
 
 def summarize(runs: Sequence[dict]) -> Dict[str, Dict[str, Dict[str, object]]]:
-    """{arm: {metric: {"mean", "std" (sample, n − 1), "values" per seed}}} over the runs' results."""
+    """{arm: {metric: {"mean", "std" (sample, n − 1), "values" per seed}}} over the runs' results, for the arms
+    that every run has (a run stopped after LoFiT's evaluation has no random-heads arm)."""
     return {arm: {metric: mean_std([float(r[arm][metric]) for r in runs]) for metric in runs[0][arm]}
-            for arm in ARMS}
+            for arm in ARMS if all(arm in r for r in runs)}
+
+
+def seeds_report(runs: Sequence[dict], seeds: Sequence[int], seconds: float) -> dict:
+    """summary.json of a seeds run: {"task", "model", "k", "seeds", "eval_examples", "summary": summarize(...),
+    "lofit_minus_base" / "lofit_minus_random": per metric the mean gain, its standard deviation over seeds and
+    whether it exceeds that spread, "heads" and "random_heads" per seed, "seconds"}."""
+    summary = summarize(runs)
+    gains = {}
+    for other in ("base", "random"):
+        if other not in summary:
+            continue
+        gains[f"lofit_minus_{other}"] = {}
+        for metric in summary["lofit"]:
+            row = mean_std([float(r["lofit"][metric]) - float(r[other][metric]) for r in runs])
+            row["beyond_spread"] = beyond_spread(row)
+            gains[f"lofit_minus_{other}"][metric] = row
+    first = runs[0]
+    return {"task": first["task"], "model": first["model"], "k": first["k"], "seeds": list(seeds),
+            "eval_examples": first["eval_examples"], "summary": summary, **gains,
+            "random_heads": {str(s): r["random_heads"] for s, r in zip(seeds, runs) if "random_heads" in r},
+            "heads": {str(s): r["heads"] for s, r in zip(seeds, runs)}, "seconds": round(seconds, 1)}
+
+
+def report_seed_folders(run_dir: str) -> dict:
+    """Rebuild run_dir/summary.json from every run_dir/seed_<seed>/results.json that has LoFiT's metrics: for
+    seeds run as separate processes into one folder, each of which wrote a summary of its own seed only.
+    `seconds` is the sum of the seeds' stage times."""
+    runs = {}
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name, "results.json")
+        if name.startswith("seed_") and name[5:].isdigit() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                result = json.load(f)
+            if "lofit" in result:
+                runs[int(name[5:])] = result
+    if not runs:
+        raise FileNotFoundError(f"{run_dir} has no seed_<seed>/results.json with LoFiT's metrics")
+    seeds = sorted(runs)
+    for seed in seeds[1:]:
+        for key in ("task", "model", "k", "eval_examples"):
+            if runs[seed][key] != runs[seeds[0]][key]:
+                raise ValueError(f"seed {seed} has {key} {runs[seed][key]!r} and seed {seeds[0]} "
+                                 f"{runs[seeds[0]][key]!r}: not one seeds run")
+    seconds = sum(sum(runs[s].get("seconds_by_stage", {}).values()) for s in seeds)
+    report = seeds_report([runs[s] for s in seeds], seeds, seconds)
+    write_json(os.path.join(run_dir, "summary.json"), report)
+    return report
 
 
 def run_seeds(settings, train_items: Sequence, eval_items: Sequence, seeds: Sequence[int], *, model=None,
@@ -85,19 +133,6 @@ def run_seeds(settings, train_items: Sequence, eval_items: Sequence, seeds: Sequ
         result = run_experiment(one, train_items, eval_items, model=model, tokenizer=tokenizer, known_base=base)
         base = (result["base"], result.get("item_scores", {}).get("base"))
         runs.append(result)
-    summary = summarize(runs)
-    gains = {}
-    for other in ("base", "random"):
-        gains[f"lofit_minus_{other}"] = {}
-        for metric in summary["lofit"]:
-            diffs = [float(r["lofit"][metric]) - float(r[other][metric]) for r in runs]
-            row = mean_std(diffs)
-            row["beyond_spread"] = beyond_spread(row)
-            gains[f"lofit_minus_{other}"][metric] = row
-    report = {"task": settings.task, "model": settings.model, "k": runs[0]["k"], "seeds": seeds,
-              "eval_examples": runs[0]["eval_examples"], "summary": summary, **gains,
-              "random_heads": {str(s): r["random_heads"] for s, r in zip(seeds, runs)},
-              "heads": {str(s): r["heads"] for s, r in zip(seeds, runs)},
-              "seconds": round(time.perf_counter() - start, 1)}
+    report = seeds_report(runs, seeds, time.perf_counter() - start)
     write_json(os.path.join(settings.out, "summary.json"), report)
     return report
