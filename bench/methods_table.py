@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from lofit_fast._files import atomic_write  # noqa: E402
 from lofit_fast.experiments import METHODS, run_method  # noqa: E402
 from lofit_fast.experiments.recipes import DEFAULT_RECIPE, RECIPES  # noqa: E402
-from lofit_fast.experiments.seeds import beyond_spread, mean_std  # noqa: E402
+from lofit_fast.experiments.seeds import beyond_spread, mean_std, seed_folder_results  # noqa: E402
 
 TASKS = ("truthfulqa", "clutrr", "mquake")
 DEFAULT_METHODS = ("base", "iti", "repe", "lofit", "lora", "red")
@@ -297,16 +297,6 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seed_results(out: Path) -> dict:
-    """{seed: that seed's results.json} for every OUT/seed_<seed>/ with one."""
-    found = {}
-    for folder in out.glob("seed_*"):
-        path = folder / "results.json"
-        if path.is_file() and folder.name[5:].isdigit():
-            found[int(folder.name[5:])] = json.loads(path.read_text())
-    return dict(sorted(found.items()))
-
-
 def summarize_seeds(by_seed: dict) -> dict:
     """{"seeds", "rows": {task/name: {"seeds", "metrics": {metric: mean_std}, "seconds": mean_std, params}},
     "lofit_minus": {task/name: {metric: mean_std of LoFiT − that row over the seeds both have, "beyond_spread"}}}."""
@@ -389,7 +379,7 @@ def seeds_markdown(summary: dict, commands: list) -> str:
 
 
 def write_seed_report(out: Path) -> str:
-    by_seed = seed_results(out)
+    by_seed = seed_folder_results(str(out))
     if not by_seed:
         raise SystemExit(f"no seed_<seed>/results.json under {out}")
     summary = summarize_seeds(by_seed)

@@ -1,8 +1,8 @@
 """Two recipes over seeds: the markdown table of two `lofit-fast run --seeds ...` folders on the same task and
 evaluation items that differ in their training settings (e.g. `--recipe plain` and `--recipe official`). Each
 seed of one is paired with the same seed of the other (the same random heads, which the seed draws). Per arm
-(base, LoFiT, random heads, those both runs have) and metric: both runs' mean ± sample standard deviation over seeds, and B − A
-per seed with its paired bootstrap interval over the items, then over seeds.
+that both runs have (base, LoFiT, random heads) and metric: both runs' mean ± sample standard deviation over
+seeds, and B − A per seed with its paired bootstrap interval over the items, then over seeds.
 
     python bench/recipe_table.py runs/clutrr_plain runs/clutrr_official --out table.md --json diff.json
 """
@@ -71,7 +71,8 @@ def compare(a_dir: str, b_dir: str, samples: int = 10000) -> dict:
             row = mean_std([run["runs"][s]["lofit"][m] - run["runs"][s]["random"][m] for s in seeds])
             row["beyond_spread"] = beyond_spread(row)
             gains[m][side] = row
-    return {"task": task, "seeds": seeds, "metrics": metrics, "arms": arms, "labels": [_label(a, a_dir), _label(b, b_dir)],
+    return {"task": task, "seeds": seeds, "metrics": metrics, "arms": arms,
+            "labels": [_label(a, a_dir), _label(b, b_dir)],
             "eval_examples": a["runs"][seeds[0]]["eval_examples"], "settings": settings, "per_seed": per_seed,
             "over_seeds": over, "lofit_minus_random": gains}
 

@@ -85,18 +85,22 @@ def seeds_report(runs: Sequence[dict], seeds: Sequence[int], seconds: float) -> 
             "heads": {str(s): r["heads"] for s, r in zip(seeds, runs)}, "seconds": round(seconds, 1)}
 
 
+def seed_folder_results(run_dir: str) -> Dict[int, dict]:
+    """{seed: run_dir/seed_<seed>/results.json} for every seed folder that has one, by seed."""
+    found = {}
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name, "results.json")
+        if name.startswith("seed_") and name[5:].isdigit() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                found[int(name[5:])] = json.load(f)
+    return dict(sorted(found.items()))
+
+
 def report_seed_folders(run_dir: str) -> dict:
     """Rebuild run_dir/summary.json from every run_dir/seed_<seed>/results.json that has LoFiT's metrics: for
     seeds run as separate processes into one folder, each of which wrote a summary of its own seed only.
     `seconds` is the sum of the seeds' stage times."""
-    runs = {}
-    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
-        path = os.path.join(run_dir, name, "results.json")
-        if name.startswith("seed_") and name[5:].isdigit() and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                result = json.load(f)
-            if "lofit" in result:
-                runs[int(name[5:])] = result
+    runs = {seed: r for seed, r in seed_folder_results(run_dir).items() if "lofit" in r}
     if not runs:
         raise FileNotFoundError(f"{run_dir} has no seed_<seed>/results.json with LoFiT's metrics")
     seeds = sorted(runs)
