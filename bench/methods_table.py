@@ -44,6 +44,7 @@ from lofit_fast.experiments.seeds import beyond_spread, mean_std, seed_folder_re
 TASKS = ("truthfulqa", "clutrr", "mquake")
 DEFAULT_METHODS = ("base", "iti", "repe", "lofit", "lora", "red")
 HONESTY_ROWS = ("untuned", "steering", "token-only tuning", "rep. tuning (heads)", "rep. tuning (layers)")
+HONESTY_KEYS = dict(zip(("untuned", "steering", "token-only", "rep-heads", "rep-layers"), HONESTY_ROWS))
 CLUTRR_TRAIN = 300  # LoFiT trains CLUTRR on 300 examples
 
 
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="only write OUT/summary.json and OUT/table.md from OUT/seed_*/")
     p.add_argument("--repe-coeff", default="auto", help='"auto" (grid on training items) or a number')
     p.add_argument("--no-honesty", action="store_true", help="skip the honesty table")
+    p.add_argument("--honesty-only", action="store_true", help="only the honesty table (no task rows)")
+    p.add_argument("--honesty-rows", nargs="+", default=list(HONESTY_KEYS), choices=list(HONESTY_KEYS),
+                   help="the honesty conditions to run (untuned and steering are deterministic: one seed is enough)")
     p.add_argument("--honesty-max-train", type=int, default=None, help="statements for the honesty tuning")
     p.add_argument("--honesty-max-eval", type=int, default=None, help="gpt4 facts scored in the honesty table")
     p.add_argument("--honesty-pairs", type=int, default=256, help="contrast pairs for the honesty direction")
@@ -76,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--fresh", action="store_true", help="ignore results already in OUT/results.json")
     args = p.parse_args(argv)
+    if args.honesty_only and args.no_honesty:
+        p.error("--honesty-only and --no-honesty exclude each other")
+    if args.honesty_only:
+        args.tasks = []
     if args.seeds is not None:
         try:
             args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -189,7 +197,7 @@ def run_honesty(args, model, tok, results, path):
         scores.update(truthfulqa_mc(model, tok, tqa, batch_size=args.eval_batch_size, progress=False))
         return scores
 
-    for name in HONESTY_ROWS:
+    for name in [HONESTY_KEYS[key] for key in args.honesty_rows]:
         if name in results["honesty"]:
             print(f"[skip] honesty/{name}", flush=True)
             continue
@@ -237,7 +245,8 @@ def run_honesty(args, model, tok, results, path):
         results["honesty"][name] = {"metrics": scores, "trainable_params": trainable,
                                     "seconds": round(fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
                                     "layers": layers, "train_statements": len(rows), "facts": len(facts),
-                                    "choices": len(choices), "tqa_questions": len(tqa)}
+                                    "choices": len(choices), "tqa_questions": len(tqa), "seed": args.seed,
+                                    "recipe": args.recipe}
         save(path, results)
         print(f"      {scores}", flush=True)
 
@@ -328,7 +337,46 @@ def summarize_seeds(by_seed: dict) -> dict:
                 gap = mean_std(diffs)
                 gap["beyond_spread"] = beyond_spread(gap, two_sided=True)
                 gaps[key][metric] = gap
-    return {"seeds": list(by_seed), "rows": rows, "lofit_minus": gaps}
+    return {"seeds": list(by_seed), "rows": rows, "lofit_minus": gaps, **summarize_honesty(by_seed)}
+
+
+HONESTY_REFERENCE = "rep. tuning (heads)"  # representation tuning of LoFiT's head parameters
+
+
+def summarize_honesty(by_seed: dict) -> dict:
+    """The honesty table over seeds: {"honesty": {condition: {"seeds", "metrics": {metric: mean_std}, "seconds",
+    "trainable_params"}}, "honesty_minus": {condition: {metric: mean_std of HONESTY_REFERENCE − it per seed,
+    "beyond_spread"}}}; empty when no seed ran it."""
+    entries: dict = {}
+    for seed, results in by_seed.items():
+        for name, row in results.get("honesty", {}).items():
+            entries.setdefault(name, {})[seed] = row
+    if not entries:
+        return {}
+    honesty = {}
+    for name, per_seed in entries.items():
+        first = next(iter(per_seed.values()))
+        honesty[name] = {"seeds": list(per_seed),
+                         "metrics": {m: mean_std([float(r["metrics"][m]) for r in per_seed.values()])
+                                     for m in first["metrics"]},
+                         "seconds": mean_std([float(r["seconds"]) for r in per_seed.values()]),
+                         "trainable_params": first["trainable_params"], "recipe": first.get("recipe")}
+    ours = entries.get(HONESTY_REFERENCE, {})
+    minus = {}
+    for name, per_seed in entries.items():
+        if name == HONESTY_REFERENCE or not ours:
+            continue
+        minus[name] = {}
+        # a deterministic condition run once (untuned, steering) is compared with every seed of the reference
+        theirs = {s: next(iter(per_seed.values())) for s in ours} if len(per_seed) == 1 else per_seed
+        for metric in next(iter(ours.values()))["metrics"]:
+            diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric])
+                     for s in ours if s in theirs]
+            if diffs:
+                gap = mean_std(diffs)
+                gap["beyond_spread"] = beyond_spread(gap, two_sided=True)
+                minus[name][metric] = gap
+    return {"honesty": honesty, "honesty_minus": minus}
 
 
 def _pm(stat: dict, signed: bool = False) -> str:
@@ -344,12 +392,20 @@ def seeds_markdown(summary: dict, commands: list) -> str:
     rows, gaps = summary["rows"], summary["lofit_minus"]
     names = list(dict.fromkeys(k.split("/", 1)[1] for k in rows))
     names = [m for m in METHODS if m in names] + [n for n in names if n not in METHODS]
-    recipes = sorted({r["recipe"] for r in rows.values() if r.get("recipe")})
+    recipes = sorted({r["recipe"] for r in [*rows.values(), *summary.get("honesty", {}).values()] if r.get("recipe")})
     header = "| method | " + " | ".join(c[2] for c in COLUMNS)
     lines = [f"Seeds {', '.join(map(str, summary['seeds']))}; mean ± sample standard deviation over the seeds that ran "
              f"the row (no ± : one seed, e.g. the deterministic base model); recipe {', '.join(recipes) or '?'}. "
-             "Commands: " + "; ".join(f"`{c}`" for c in commands), "",
-             header + " | trainable params | seeds | fit time (s, mean per task) |", "|---|" + "---|" * (len(COLUMNS) + 3)]
+             "Commands: " + "; ".join(f"`{c}`" for c in commands)]
+    if names:
+        lines += task_seeds_markdown(rows, gaps, names, header)
+    if summary.get("honesty"):
+        lines += honesty_seeds_markdown(summary["honesty"], summary["honesty_minus"])
+    return "\n".join(lines) + "\n"
+
+
+def task_seeds_markdown(rows: dict, gaps: dict, names: list, header: str) -> list:
+    lines = ["", header + " | trainable params | seeds | fit time (s, mean per task) |", "|---|" + "---|" * (len(COLUMNS) + 3)]
     for name in names:
         present = [rows[f"{t}/{name}"] for t in TASKS if f"{t}/{name}" in rows]
         cells = [_pm(rows[f"{t}/{name}"]["metrics"][m]) if f"{t}/{name}" in rows else "-" for t, m, _ in COLUMNS]
@@ -375,7 +431,34 @@ def seeds_markdown(summary: dict, commands: list) -> str:
             row = rows.get(f"{t}/{name}")
             cells.append("-" if row is None else " / ".join(f"{v:.3f}" for v in row["metrics"][m]["values"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+HONESTY_COLUMNS = (("facts_acc", "facts acc"), ("choices_acc", "choices acc"), ("mc1", "TruthfulQA MC1"),
+                   ("mc2", "TruthfulQA MC2"), ("alignment", "alignment"))
+
+
+def honesty_seeds_markdown(honesty: dict, minus: dict) -> list:
+    header = "| condition | " + " | ".join(c[1] for c in HONESTY_COLUMNS)
+    rule = "|---|" + "---|" * len(HONESTY_COLUMNS)
+    names = [n for n in HONESTY_ROWS if n in honesty] + [n for n in honesty if n not in HONESTY_ROWS]
+    lines = ["", "Honesty (representation tuning), mean ± sample standard deviation over the seeds that ran the row:",
+             "", header + " | trainable params | seeds | fit time (s) |", rule + "---|---|---|"]
+    for name in names:
+        row = honesty[name]
+        cells = [_pm(row["metrics"][m]) if m in row["metrics"] else "-" for m, _ in HONESTY_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {row['trainable_params']:,} | {len(row['seeds'])} | {row['seconds']['mean']:.0f} |")
+    if minus:
+        lines += ["", f"{HONESTY_REFERENCE} minus each condition, per seed then mean ± standard deviation over seeds "
+                  "(* : beyond the spread):", "", header + " |", rule]
+        for name in names:
+            if name not in minus:
+                continue
+            cells = [_pm(minus[name][m], signed=True) + (" *" if minus[name][m]["beyond_spread"] else "")
+                     if m in minus[name] else "-" for m, _ in HONESTY_COLUMNS]
+            lines.append(f"| {HONESTY_REFERENCE} − {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_seed_report(out: Path) -> str:

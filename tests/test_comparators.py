@@ -235,9 +235,77 @@ def test_methods_table_summarizes_seed_folders(tmp_path):
     assert "| iti | 0.280 / 0.290 / 0.330 |" in text
 
 
+def test_methods_table_summarizes_the_honesty_table_over_seeds(tmp_path):
+    table = load_bench("methods_table")
+    metrics = lambda acc, align: {"facts_acc": acc, "facts_p": 0.5, "choices_acc": 0.5, "choices_p": 0.5,  # noqa: E731
+                                  "mc1": 0.25, "mc2": 0.45, "alignment": align}
+    heads = {1: (0.52, 0.16), 2: (0.50, 0.18), 3: (0.55, 0.17)}
+    token = {1: (0.47, 0.09), 2: (0.49, 0.10), 3: (0.46, 0.08)}
+    for seed in (1, 2, 3):
+        honesty = {"token-only tuning": {"metrics": metrics(*token[seed]), "trainable_params": 9, "seconds": 5.0},
+                   "rep. tuning (heads)": {"metrics": metrics(*heads[seed]), "trainable_params": 9, "seconds": 4.0}}
+        if seed == 1:  # deterministic, run once
+            honesty["untuned"] = {"metrics": metrics(0.5, 0.087), "trainable_params": 0, "seconds": 0.0, "recipe": "plain"}
+        folder = tmp_path / f"seed_{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"rows": {}, "honesty": honesty, "meta": {"commands": ["c"]}}))
+    text = table.write_seed_report(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    align = summary["honesty"]["rep. tuning (heads)"]["metrics"]["alignment"]
+    assert align["mean"] == pytest.approx(statistics.mean([0.16, 0.18, 0.17]))
+    assert align["std"] == pytest.approx(statistics.stdev([0.16, 0.18, 0.17]))
+    assert summary["honesty"]["untuned"]["seeds"] == [1]
+    untuned_gap = summary["honesty_minus"]["untuned"]["alignment"]  # one run against every seed
+    assert untuned_gap["values"] == pytest.approx([heads[s][1] - 0.087 for s in (1, 2, 3)])
+    gap = summary["honesty_minus"]["token-only tuning"]["alignment"]
+    diffs = [heads[s][1] - token[s][1] for s in (1, 2, 3)]
+    assert gap["values"] == pytest.approx(diffs) and gap["beyond_spread"]
+    assert "rep. tuning (heads)" not in summary["honesty_minus"]
+    assert "recipe plain" in text and "| method |" not in text  # no task rows: no task table
+    assert "| rep. tuning (heads) | 0.523 ± 0.025 | 0.500 ± 0.000 | 0.250 ± 0.000 | 0.450 ± 0.000 | 0.170 ± 0.010 | 9 | 3 |" in text
+    assert "| rep. tuning (heads) − token-only tuning | +0.050 ± 0.040 * |" in text
+
+
+def test_methods_table_runs_the_honesty_table_over_seeds(tmp_path):
+    """The real path on a tiny model: the deterministic conditions run once, the tuned ones per seed, then the
+    summary over the seed folders."""
+    import shutil
+
+    from lofit_fast.methods.rep_tuning import HONEST_LETTERS
+    from test_lofit import char_tokenizer, tiny_llama
+
+    table = load_bench("methods_table")
+    model_dir, honesty = tmp_path / "model", tmp_path / "honesty"
+    tiny_llama().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    shutil.copytree(HONESTY, honesty)
+    shutil.copy(HONESTY / "facts_true_false.csv", honesty / "gpt4_facts.csv")
+    for name, letters in HONEST_LETTERS.items():  # as many questions as the hand labels
+        (honesty / name).write_text("".join(f"Question: choice {i}?\\n (A) yes\\n (B) no\\nAnswer:\n\n"
+                                            for i in range(len(letters))))
+    out = tmp_path / "out"
+    common = ["--model", str(model_dir), "--data", str(Path(__file__).parent / "fixtures" / "lofit"),
+              "--honesty-dir", str(honesty), "--out", str(out), "--honesty-only", "--epochs", "1", "--batch-size", "2",
+              "--eval-batch-size", "4", "--honesty-pairs", "4", "--max-eval", "2", "--threads", "1"]
+    assert table.main([*common, "--seeds", "1", "--honesty-rows", "untuned", "rep-heads"]) == 0
+    assert table.main([*common, "--seeds", "2", "--honesty-rows", "rep-heads"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == {} and summary["seeds"] == [1, 2]
+    assert summary["honesty"]["untuned"]["seeds"] == [1]
+    tuned = summary["honesty"]["rep. tuning (heads)"]
+    assert tuned["seeds"] == [1, 2] and tuned["trainable_params"] > 0
+    assert tuned["metrics"]["alignment"]["values"][0] != tuned["metrics"]["alignment"]["values"][1]  # seeds differ
+    assert len(summary["honesty_minus"]["untuned"]["alignment"]["values"]) == 2
+    assert "| rep. tuning (heads) |" in (out / "table.md").read_text()
+
+
 def test_methods_table_seed_arguments(tmp_path):
     table = load_bench("methods_table")
     assert table.parse_args(["--seeds", "42,43"]).seeds == [42, 43]
+    assert table.parse_args(["--honesty-only"]).tasks == []
+    assert table.parse_args(["--honesty-rows", "token-only", "rep-heads"]).honesty_rows == ["token-only", "rep-heads"]
+    with pytest.raises(SystemExit):
+        table.parse_args(["--honesty-only", "--no-honesty"])
     for bad in ("42,42", "4x", ","):
         with pytest.raises(SystemExit):
             table.parse_args(["--seeds", bad])
