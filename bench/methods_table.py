@@ -6,6 +6,9 @@ representation tuning (untuned, online steering, token-only tuning, representati
     python bench/methods_table.py --max-train 48 --max-eval 60 --epochs 2                 # a reduced run
     python bench/methods_table.py --seeds 42,43,44 --no-honesty --out runs/methods_seeds   # over seeds
     python bench/methods_table.py --out runs/methods_seeds --report                        # the seeds table
+    python bench/methods_table.py --honesty-only --seeds 42 --out runs/honesty_seeds        # honesty, one seed
+    python bench/methods_table.py --honesty-only --seeds 43 --honesty-rows token-only rep-heads rep-layers \
+        --out runs/honesty_seeds                     # the tuned conditions of another seed (the rest is deterministic)
 
 Every trained method follows one training recipe (`--recipe`, default the pipelines' default "plain": constant
 learning rate, no EOS, the `Q: {q}\nA:` prompt, no clipping; "official" for the authors' choices), and every
@@ -405,7 +408,8 @@ def seeds_markdown(summary: dict, commands: list) -> str:
 
 
 def task_seeds_markdown(rows: dict, gaps: dict, names: list, header: str) -> list:
-    lines = ["", header + " | trainable params | seeds | fit time (s, mean per task) |", "|---|" + "---|" * (len(COLUMNS) + 3)]
+    lines = ["", header + " | trainable params | seeds | fit time (s, mean per task) |",
+             "|---|" + "---|" * (len(COLUMNS) + 3)]
     for name in names:
         present = [rows[f"{t}/{name}"] for t in TASKS if f"{t}/{name}" in rows]
         cells = [_pm(rows[f"{t}/{name}"]["metrics"][m]) if f"{t}/{name}" in rows else "-" for t, m, _ in COLUMNS]

@@ -465,6 +465,37 @@ def test_run_over_seeds_reports_mean_and_spread(model_dir, tmp_path, capsys):
         assert f"| {s} | {r['lofit']['mc1']:.3f} | {r['lofit']['mc2']:.3f} | {r['random']['mc1']:.3f} |" in table
 
 
+def test_seeds_run_as_separate_processes_evaluate_the_base_model_once(model_dir, tmp_path, monkeypatch):
+    """`run --seeds S --resume` into one folder takes the base model's metrics from a seed that already ran with the
+    same settings and data, and evaluates it again when the settings differ."""
+    from lofit_fast.experiments import lofit_run
+
+    evaluated = []
+    real = lofit_run.evaluate_arm
+
+    def counting(settings, model, tokenizer, items, label, *args, **kw):
+        evaluated.append((settings.seed, label))
+        return real(settings, model, tokenizer, items, label, *args, **kw)
+
+    monkeypatch.setattr(lofit_run, "evaluate_arm", counting)
+    base_runs = lambda: [seed for seed, label in evaluated if label == "the base model"]  # noqa: E731
+    out = tmp_path / "seeds"
+    common = ["run", "--model", model_dir, "--task", "truthfulqa", "--data", FIXTURES, "--k", 2, "--out", out, *FAST]
+    assert run_cli(*common, "--seeds", "1") == 0
+    assert run_cli(*common, "--seeds", "2", "--resume") == 0
+    assert base_runs() == [1]
+    first, second = (json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (1, 2))
+    assert second["seconds_by_stage"]["eval_base"] == 0.0
+    assert second["base"] == first["base"] and second["item_scores"]["base"] == first["item_scores"]["base"]
+    assert second["paired"]  # the intervals against base use the reused per-item scores
+    assert run_cli(*common, "--seeds", "3") == 0  # without --resume: evaluated again, to the same numbers
+    assert base_runs() == [1, 3]
+    assert json.loads((out / "seed_3" / "results.json").read_text())["base"] == first["base"]
+    other = [a if a != "2" else "1" for a in map(str, common)]  # another --k: not the same run, no reuse
+    assert run_cli(*other, "--seeds", "4", "--resume") == 0
+    assert base_runs() == [1, 3, 4]
+
+
 def test_seeds_argument_is_checked():
     from lofit_fast.cli.common import seeds_arg
 

@@ -245,7 +245,8 @@ def test_methods_table_summarizes_the_honesty_table_over_seeds(tmp_path):
         honesty = {"token-only tuning": {"metrics": metrics(*token[seed]), "trainable_params": 9, "seconds": 5.0},
                    "rep. tuning (heads)": {"metrics": metrics(*heads[seed]), "trainable_params": 9, "seconds": 4.0}}
         if seed == 1:  # deterministic, run once
-            honesty["untuned"] = {"metrics": metrics(0.5, 0.087), "trainable_params": 0, "seconds": 0.0, "recipe": "plain"}
+            honesty["untuned"] = {"metrics": metrics(0.5, 0.087), "trainable_params": 0, "seconds": 0.0,
+                                  "recipe": "plain"}
         folder = tmp_path / f"seed_{seed}"
         folder.mkdir()
         (folder / "results.json").write_text(json.dumps({"rows": {}, "honesty": honesty, "meta": {"commands": ["c"]}}))
@@ -262,7 +263,8 @@ def test_methods_table_summarizes_the_honesty_table_over_seeds(tmp_path):
     assert gap["values"] == pytest.approx(diffs) and gap["beyond_spread"]
     assert "rep. tuning (heads)" not in summary["honesty_minus"]
     assert "recipe plain" in text and "| method |" not in text  # no task rows: no task table
-    assert "| rep. tuning (heads) | 0.523 ± 0.025 | 0.500 ± 0.000 | 0.250 ± 0.000 | 0.450 ± 0.000 | 0.170 ± 0.010 | 9 | 3 |" in text
+    assert ("| rep. tuning (heads) | 0.523 ± 0.025 | 0.500 ± 0.000 | 0.250 ± 0.000 | 0.450 ± 0.000 | 0.170 ± 0.010 "
+            "| 9 | 3 |") in text
     assert "| rep. tuning (heads) − token-only tuning | +0.050 ± 0.040 * |" in text
 
 

@@ -147,12 +147,32 @@ def previous_selection(path: str, settings, model, train_examples: int) -> Optio
     return selection if same else None
 
 
+def sibling_seed_base(out: str, info: dict) -> Optional[Tuple[str, dict, Optional[dict]]]:
+    """(path, metrics, per-item scores) of the base model from another seed's results.json beside `out` (a
+    seed_<seed>/ folder of a seeds run) that has the same settings and data but for the seed: the base model is
+    deterministic, so seeds run as separate processes into one folder evaluate it once between them."""
+    parent, name = os.path.split(os.path.normpath(out))
+    if not (name.startswith("seed_") and name[5:].isdigit()) or not os.path.isdir(parent):
+        return None
+    for other in sorted(os.listdir(parent)):
+        path = os.path.join(parent, other, "results.json")
+        if other == name or not (other.startswith("seed_") and other[5:].isdigit()) or not os.path.isfile(path):
+            continue
+        as_other = {**info, "hyperparameters": {**info["hyperparameters"], "seed": int(other[5:])}}
+        found = previous_results(path, as_other)
+        if "base" in found:
+            return path, found["base"], found.get("item_scores", {}).get("base")
+    return None
+
+
 def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, model=None, tokenizer=None,
                    known_base: Optional[Tuple[Dict[str, float], Optional[Dict[str, List[float]]]]] = None) -> dict:
     """Base, LoFiT and random heads (same K) on one task; writes results.json, selection.json, heads.png and
     the LoFiT adapter to `settings.out` and returns the results. `settings`: a RunSettings (or any object
     with its fields, e.g. the CLI's argparse namespace). `known_base`: (metrics, per-item scores) of the base
-    model on these evaluation items, already measured (the base model is deterministic): not evaluated again."""
+    model on these evaluation items, already measured (the base model is deterministic): not evaluated again.
+    With `settings.resume` the base metrics also come from another seed's folder beside `settings.out` when that
+    seed ran with the same settings and data (`sibling_seed_base`)."""
     settings = RunSettings.of(settings)
     train_items = with_prompt_style(train_items, settings.prompt_style)
     eval_items = with_prompt_style(eval_items, settings.prompt_style)
@@ -207,7 +227,10 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
         if "base" in previous.get("item_scores", {}):
             item_scores["base"] = previous["item_scores"]["base"]
-    elif known_base is not None:
+    elif known_base is not None or (resume and (sibling := sibling_seed_base(out, info)) is not None):
+        if known_base is None:
+            log(settings, f"resuming: base model metrics from another seed of this run, {sibling[0]}")
+            known_base = sibling[1:]
         base = dict(known_base[0])
         seconds["eval_base"] = 0.0
         if known_base[1] is not None:
