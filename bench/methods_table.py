@@ -309,37 +309,54 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize_seeds(by_seed: dict) -> dict:
-    """{"seeds", "rows": {task/name: {"seeds", "metrics": {metric: mean_std}, "seconds": mean_std, params}},
-    "lofit_minus": {task/name: {metric: mean_std of LoFiT − that row over the seeds both have, "beyond_spread"}}}."""
+def rows_by_key(by_seed: dict, section: str) -> dict:
+    """{key: {seed: row}} of one section ("rows" or "honesty") of every seed's results."""
     entries: dict = {}
     for seed, results in by_seed.items():
-        for key, row in results.get("rows", {}).items():
+        for key, row in results.get(section, {}).items():
             entries.setdefault(key, {})[seed] = row
+    return entries
+
+
+def seed_stats(per_seed: dict) -> dict:
+    """{"seeds", "metrics": {metric: mean_std}, "seconds": mean_std} of one row over the seeds that ran it."""
+    first = next(iter(per_seed.values()))
+    return {"seeds": list(per_seed),
+            "metrics": {m: mean_std([float(r["metrics"][m]) for r in per_seed.values()]) for m in first["metrics"]},
+            "seconds": mean_std([float(r["seconds"]) for r in per_seed.values()])}
+
+
+def minus_over_seeds(ours: dict, per_seed: dict) -> dict:
+    """{metric: mean_std of ours − that row per seed, "beyond_spread"} over the seeds both have; a deterministic
+    row run once (base, untuned, steering) is compared with every seed of ours."""
+    first = next(iter(per_seed.values()))
+    theirs = {s: first for s in ours} if len(per_seed) == 1 else per_seed
+    gaps = {}
+    for metric in first["metrics"]:
+        diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric]) for s in ours if s in theirs]
+        if diffs:
+            gap = mean_std(diffs)
+            gap["beyond_spread"] = beyond_spread(gap, two_sided=True)
+            gaps[metric] = gap
+    return gaps
+
+
+def summarize_seeds(by_seed: dict) -> dict:
+    """{"seeds", "rows": {task/name: {"seeds", "metrics": {metric: mean_std}, "seconds": mean_std, params}},
+    "lofit_minus": {task/name: {metric: mean_std of LoFiT − that row over the seeds both have, "beyond_spread"}}},
+    plus summarize_honesty's keys when the seeds ran the honesty table."""
+    entries = rows_by_key(by_seed, "rows")
     rows = {}
     for key, per_seed in entries.items():
         first = next(iter(per_seed.values()))
-        rows[key] = {"seeds": list(per_seed),
-                     "metrics": {m: mean_std([float(r["metrics"][m]) for r in per_seed.values()]) for m in first["metrics"]},
-                     "seconds": mean_std([float(r["seconds"]) for r in per_seed.values()]),
-                     "trainable_params": first["trainable_params"], "fitted_params": first.get("fitted_params", 0),
-                     "recipe": first.get("recipe")}
+        rows[key] = {**seed_stats(per_seed), "trainable_params": first["trainable_params"],
+                     "fitted_params": first.get("fitted_params", 0), "recipe": first.get("recipe")}
     gaps = {}
     for key, per_seed in entries.items():
         task, name = key.split("/", 1)
         ours = entries.get(f"{task}/lofit", {})
-        if name == "lofit" or not ours:
-            continue
-        gaps[key] = {}
-        first = next(iter(per_seed.values()))
-        # a deterministic row run once (base) is compared with every seed of LoFiT
-        theirs = {s: first for s in ours} if len(per_seed) == 1 else per_seed
-        for metric in first["metrics"]:
-            diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric]) for s in ours if s in theirs]
-            if diffs:
-                gap = mean_std(diffs)
-                gap["beyond_spread"] = beyond_spread(gap, two_sided=True)
-                gaps[key][metric] = gap
+        if name != "lofit" and ours:
+            gaps[key] = minus_over_seeds(ours, per_seed)
     return {"seeds": list(by_seed), "rows": rows, "lofit_minus": gaps, **summarize_honesty(by_seed)}
 
 
@@ -348,37 +365,19 @@ HONESTY_REFERENCE = "rep. tuning (heads)"  # representation tuning of LoFiT's he
 
 def summarize_honesty(by_seed: dict) -> dict:
     """The honesty table over seeds: {"honesty": {condition: {"seeds", "metrics": {metric: mean_std}, "seconds",
-    "trainable_params"}}, "honesty_minus": {condition: {metric: mean_std of HONESTY_REFERENCE − it per seed,
-    "beyond_spread"}}}; empty when no seed ran it."""
-    entries: dict = {}
-    for seed, results in by_seed.items():
-        for name, row in results.get("honesty", {}).items():
-            entries.setdefault(name, {})[seed] = row
+    "trainable_params", "recipe"}}, "honesty_minus": {condition: minus_over_seeds of HONESTY_REFERENCE}}; empty
+    when no seed ran it."""
+    entries = rows_by_key(by_seed, "honesty")
     if not entries:
         return {}
     honesty = {}
     for name, per_seed in entries.items():
         first = next(iter(per_seed.values()))
-        honesty[name] = {"seeds": list(per_seed),
-                         "metrics": {m: mean_std([float(r["metrics"][m]) for r in per_seed.values()])
-                                     for m in first["metrics"]},
-                         "seconds": mean_std([float(r["seconds"]) for r in per_seed.values()]),
-                         "trainable_params": first["trainable_params"], "recipe": first.get("recipe")}
+        honesty[name] = {**seed_stats(per_seed), "trainable_params": first["trainable_params"],
+                         "recipe": first.get("recipe")}
     ours = entries.get(HONESTY_REFERENCE, {})
-    minus = {}
-    for name, per_seed in entries.items():
-        if name == HONESTY_REFERENCE or not ours:
-            continue
-        minus[name] = {}
-        # a deterministic condition run once (untuned, steering) is compared with every seed of the reference
-        theirs = {s: next(iter(per_seed.values())) for s in ours} if len(per_seed) == 1 else per_seed
-        for metric in next(iter(ours.values()))["metrics"]:
-            diffs = [float(ours[s]["metrics"][metric]) - float(theirs[s]["metrics"][metric])
-                     for s in ours if s in theirs]
-            if diffs:
-                gap = mean_std(diffs)
-                gap["beyond_spread"] = beyond_spread(gap, two_sided=True)
-                minus[name][metric] = gap
+    minus = {name: minus_over_seeds(ours, per_seed) for name, per_seed in entries.items()
+             if name != HONESTY_REFERENCE and ours}
     return {"honesty": honesty, "honesty_minus": minus}
 
 

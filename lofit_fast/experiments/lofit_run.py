@@ -24,7 +24,7 @@ from ..eval import evaluate, paired_bootstrap
 from ..methods import HeadSelection, default_k, random_heads, select_heads, tune
 from ..patch import find_attention_sites, trainable_parameters, unpatch
 from .recipes import with_prompt_style
-from .results import RESULT_KEYS, previous_results, read_predictions, write_json, write_predictions
+from .results import RESULT_KEYS, folder_seed, previous_results, read_predictions, write_json, write_predictions
 from .settings import RunSettings, hyperparameters, load_model_for, log, splits
 
 
@@ -152,13 +152,13 @@ def sibling_seed_base(out: str, info: dict) -> Optional[Tuple[str, dict, Optiona
     seed_<seed>/ folder of a seeds run) that has the same settings and data but for the seed: the base model is
     deterministic, so seeds run as separate processes into one folder evaluate it once between them."""
     parent, name = os.path.split(os.path.normpath(out))
-    if not (name.startswith("seed_") and name[5:].isdigit()) or not os.path.isdir(parent):
+    if folder_seed(name) is None or not os.path.isdir(parent):
         return None
     for other in sorted(os.listdir(parent)):
         path = os.path.join(parent, other, "results.json")
-        if other == name or not (other.startswith("seed_") and other[5:].isdigit()) or not os.path.isfile(path):
+        if other == name or folder_seed(other) is None or not os.path.isfile(path):
             continue
-        as_other = {**info, "hyperparameters": {**info["hyperparameters"], "seed": int(other[5:])}}
+        as_other = {**info, "hyperparameters": {**info["hyperparameters"], "seed": folder_seed(other)}}
         found = previous_results(path, as_other)
         if "base" in found:
             return path, found["base"], found.get("item_scores", {}).get("base")
@@ -221,16 +221,18 @@ def run_experiment(settings, train_items: Sequence, eval_items: Sequence, *, mod
         merged = {**results, **info}
         write_json(results_path, {**{key: merged[key] for key in RESULT_KEYS if key in merged}, **merged})
 
+    if resume and known_base is None and "base" not in previous:
+        sibling = sibling_seed_base(out, info)
+        if sibling is not None:
+            log(settings, f"resuming: base model metrics from another seed of this run, {sibling[0]}")
+            known_base = sibling[1:]
     if "base" in previous:
         log(settings, f"resuming: base model metrics from {results_path}")
         base = previous["base"]
         seconds["eval_base"] = previous["seconds_by_stage"].get("eval_base", 0.0)
         if "base" in previous.get("item_scores", {}):
             item_scores["base"] = previous["item_scores"]["base"]
-    elif known_base is not None or (resume and (sibling := sibling_seed_base(out, info)) is not None):
-        if known_base is None:
-            log(settings, f"resuming: base model metrics from another seed of this run, {sibling[0]}")
-            known_base = sibling[1:]
+    elif known_base is not None:
         base = dict(known_base[0])
         seconds["eval_base"] = 0.0
         if known_base[1] is not None:

@@ -12,6 +12,11 @@ from .._files import atomic_write
 RESULT_KEYS = ("task", "model", "k", "heads", "trainable_params", "seconds", "base", "lofit", "random")
 
 
+def folder_seed(name: str) -> Optional[int]:
+    """The seed of a seeds run's seed_<seed>/ folder name, or None for any other name."""
+    return int(name[5:]) if name.startswith("seed_") and name[5:].isdigit() else None
+
+
 def dumps(payload: dict) -> str:
     """JSON with one top-level key per line (head lists and metric dicts stay on their line)."""
     lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in payload.items()]

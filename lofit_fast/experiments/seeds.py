@@ -11,7 +11,7 @@ import time
 from typing import Dict, List, Sequence
 
 from .lofit_run import run_experiment, selection_file
-from .results import write_json
+from .results import folder_seed, write_json
 from .settings import RunSettings, load_model_for, log
 
 ARMS = ("base", "lofit", "random")
@@ -90,9 +90,9 @@ def seed_folder_results(run_dir: str) -> Dict[int, dict]:
     found = {}
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         path = os.path.join(run_dir, name, "results.json")
-        if name.startswith("seed_") and name[5:].isdigit() and os.path.isfile(path):
+        if folder_seed(name) is not None and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                found[int(name[5:])] = json.load(f)
+                found[folder_seed(name)] = json.load(f)
     return dict(sorted(found.items()))
 
 
